@@ -1,0 +1,136 @@
+"""Fashion-MNIST (70k 28x28 grey images of clothes, 10 classes) as 3x32x32 tensors, for the demo and its tests.
+
+The files are read with torchvision's ``FashionMNIST`` class, which wants the four uncompressed idx files under
+``root/FashionMNIST/raw/``. Debian's ``dataset-fashion-mnist`` package installs the gzipped files under
+``/usr/share/datasets/fashion-mnist/`` (read-only), so ``prepare_root`` builds that layout in a cache folder:
+gzipped files are decompressed there, uncompressed ones are symlinked. Any folder holding the same files works.
+
+Images are padded 28 -> 32 (2 black pixels each side, the background colour), so every 4x4 patch holds original
+pixels, repeated over 3 channels and normalised with the ImageNet mean and std, as the models expect.
+"""
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets import FashionMNIST
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CLASSES = tuple(FashionMNIST.classes)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD = 2  # 28 + 2 * 2 = 32
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mae-mixmim`` (``~/.cache/mae-mixmim`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mae-mixmim"
+
+
+def _find_files(folder: Path) -> dict[str, Path] | None:
+    """The four idx files (each uncompressed or gzipped) in ``folder``, or None if any is missing."""
+    found = {}
+    for name in FILES:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                found[name] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def prepare_root(data_path: str | os.PathLike = DEFAULT_DATA_PATH, cache_dir: str | os.PathLike | None = None) -> str:
+    """A root folder that ``torchvision.datasets.FashionMNIST(root)`` reads, built from the files in ``data_path``.
+
+    ``data_path`` may hold the four idx files (gzipped or not) directly, or in ``FashionMNIST/raw/`` or ``raw/``.
+    If they are uncompressed under ``data_path/FashionMNIST/raw`` it is returned as is; otherwise the layout is
+    made under ``cache_dir`` (see ``default_cache_dir``), in a subfolder named after ``data_path``, once.
+    """
+    data_path = Path(data_path).expanduser().resolve()
+    raw = data_path / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FILES):
+        return str(data_path)
+    for folder in (data_path, raw, data_path / "raw"):
+        files = _find_files(folder)
+        if files is not None:
+            break
+    else:
+        raise FileNotFoundError(
+            f"no Fashion-MNIST files in {data_path}: expected {', '.join(FILES)} (or the same names with .gz) there "
+            "or in its FashionMNIST/raw/ subfolder. On Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+            f"(installs them under {DEFAULT_DATA_PATH})"
+        )
+    key = hashlib.sha1(str(data_path).encode()).hexdigest()[:10]
+    root = Path(cache_dir or default_cache_dir()) / f"fashion-mnist-{key}"
+    out = root / "FashionMNIST" / "raw"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        dst = out / name
+        if dst.is_file():
+            continue
+        if src.suffix == ".gz":
+            tmp = dst.with_suffix(f".tmp{os.getpid()}")  # write, then rename: a killed run leaves no half file
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(tmp, dst)
+        else:
+            if dst.is_symlink():  # dangling link: the source moved
+                dst.unlink()
+            dst.symlink_to(src)
+    logger.info("Fashion-MNIST from %s, readable under %s", data_path, root)
+    return str(root)
+
+
+class FashionMNIST32(Dataset):
+    """A split of Fashion-MNIST as ``(image (3, 32, 32) float, label int)`` pairs, optionally a subset.
+
+    The images are kept as one uint8 tensor (N, 32, 32) and normalised per item, which is much faster than PIL
+    transforms on 28x28 images. ``hflip`` flips each item with probability 0.5 (pretraining augmentation).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train: bool,
+        num_samples: int | None = None,
+        seed: int = 0,
+        hflip: bool = False,
+    ) -> None:
+        base = FashionMNIST(root, train=train, download=False)
+        images, targets = base.data, base.targets  # (N, 28, 28) uint8, (N,) int64
+        if num_samples is not None and num_samples < len(images):
+            # a fixed random subset: every class in proportion, the same for every run with this seed
+            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
+            images, targets = images[idx], targets[idx]
+        self.images = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))  # (N, 32, 32)
+        self.targets = targets
+        self.hflip = hflip
+        self.classes = CLASSES
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.images[index].float().div_(255)  # (32, 32) in [0, 1]
+        if self.hflip and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        img = (img.expand(3, -1, -1) - self.mean) / self.std  # (3, 32, 32)
+        return img, int(self.targets[index])
+
+
+def denormalize(imgs: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) normalised images -> the same in [0, 1] (clipped)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(3, 1, 1)
+    return (imgs * std + mean).clamp(0, 1)
