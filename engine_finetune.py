@@ -1,0 +1,106 @@
+"""One epoch of supervised training (fine-tuning or linear probing) and evaluation with top-1/top-5."""
+
+import argparse
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from timm.utils import accuracy
+from torch.utils.tensorboard import SummaryWriter
+
+import util.lr_sched as lr_sched
+from util.amp import autocast
+from util.dist import all_reduce_mean, get_world_size, maybe_no_sync
+from util.misc import MetricLogger, SmoothedValue, check_finite_loss
+
+logger = logging.getLogger(__name__)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    loss_scaler,
+    max_norm: float | None = None,
+    mixup_fn: Callable | None = None,
+    log_writer: SummaryWriter | None = None,
+    args: argparse.Namespace | None = None,
+) -> dict[str, float]:
+    """Train for one pass over ``data_loader``; returns the epoch averages (loss, lr (the largest), grad_norm)."""
+    model.train(True)
+    metric_logger = MetricLogger()
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    accum_iter = args.accum_iter
+    steps = len(data_loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    optimizer.zero_grad(set_to_none=True)
+    images_per_step = args.batch_size * get_world_size()
+    for step, (samples, targets) in enumerate(
+        metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)
+    ):
+        if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
+            lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
+        max_lr = max(group["lr"] for group in optimizer.param_groups)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        update = (step + 1) % accum_iter == 0
+
+        with maybe_no_sync(model, sync=update):
+            with autocast(device, args.amp):
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            loss_value = loss.item()
+            # reduced before backward, so that every rank stops at the same step on a non-finite loss
+            loss_value_reduce = all_reduce_mean(loss_value, device)
+            check_finite_loss(loss_value_reduce, epoch, step, steps, max_lr, args.amp)
+            norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params, update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        metric_logger.update(loss=loss_value, lr=max_lr)
+        if norm is not None and torch.isfinite(norm):
+            metric_logger.update(grad_norm=norm.item())
+
+        if log_writer is not None and update:
+            # x axis: epoch * 1000, which lines up curves of runs with different batch sizes
+            epoch_1000x = int((step / steps + epoch) * 1000)
+            log_writer.add_scalar("loss", loss_value_reduce, epoch_1000x)
+            log_writer.add_scalar("lr", max_lr, epoch_1000x)
+            if norm is not None:
+                log_writer.add_scalar("grad_norm", norm.item(), epoch_1000x)
+
+    metric_logger.synchronize_between_processes(device)
+    logger.info("Averaged stats: %s", metric_logger)
+    return metric_logger.global_averages()
+
+
+@torch.no_grad()
+def evaluate(
+    data_loader: Iterable, model: torch.nn.Module, device: torch.device, amp: str = "none", print_freq: int = 10
+) -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over ``data_loader``, averaged over all processes."""
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = MetricLogger()
+    model.eval()
+    for images, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            output = model(images)
+            loss = criterion(output, target)
+        acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
+        n = images.shape[0]
+        metric_logger.meters["loss"].update(loss.item(), n=n)
+        metric_logger.meters["acc1"].update(acc1.item(), n=n)
+        metric_logger.meters["acc5"].update(acc5.item(), n=n)
+    metric_logger.synchronize_between_processes(device)
+    stats = metric_logger.global_averages()
+    logger.info("* Acc@1 %.3f Acc@5 %.3f loss %.3f", stats["acc1"], stats["acc5"], stats["loss"])
+    return stats

@@ -1,0 +1,177 @@
+"""Masked-image-modeling pretraining: MAE (``mae_vit_*``) and MixMIM (``mixmim_*``) on an ImageFolder.
+
+Single process:   python main_pretrain.py --model mae_vit_base_patch16 --data_path /imagenet ...
+One node:         torchrun --nproc_per_node=8 main_pretrain.py ...
+SLURM:            srun ... python main_pretrain.py ...   (ranks from SLURM_PROCID / SLURM_NTASKS)
+CPU:              python main_pretrain.py --device cpu ...  (gloo under torchrun)
+"""
+
+import argparse
+import datetime
+import logging
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.utils.tensorboard import SummaryWriter
+
+from engine_pretrain import train_one_epoch
+from util.amp import NativeScalerWithGradNormCount as NativeScaler
+from util.amp import resolve_amp
+from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
+from util.datasets import image_folder, pretrain_transform, train_loader
+from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
+from util.misc import (
+    UsageError,
+    add_runtime_args,
+    append_log_line,
+    check_output_dir,
+    epoch_seed,
+    log_args,
+    run_cli,
+    save_args_json,
+    seed_everything,
+    validate_common_args,
+)
+from util.models import build_pretrain_model, resolve_pretrain_name
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE / MixMIM pre-training", add_help=False)
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="Accumulate gradient iterations (for increasing the effective batch size under memory "
+                             "constraints)")
+
+    # Model parameters
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
+                        help="Name of model to train (mae_vit_* or mixmim_*)")
+    parser.add_argument("--input_size", default=224, type=int, help="images input size")
+    parser.add_argument("--mask_ratio", default=0.75, type=float,
+                        help="Masking ratio (percentage of removed patches); MixMIM's recipe uses 0.5")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="Use (per-patch) normalized pixels as targets for computing loss")
+    parser.set_defaults(norm_pix_loss=False)
+
+    # Optimizer parameters
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                        help="Clip gradient norm (default: None, no clipping)")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR",
+                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warmup LR")
+
+    # Dataset parameters
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="dataset path (an ImageFolder with train/)")
+    parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument("--device", default=None,
+                        help="device to use for training / testing (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="",
+                        help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir")
+    parser.add_argument("--finetune", default="", help="initialise from (part of) a checkpoint (MixMIM)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--save_freq", default=20, type=int,
+                        help="write checkpoint-{epoch}.pth every N epochs and at the last one "
+                             "(checkpoint-last.pth is written every epoch)")
+
+    add_runtime_args(parser, port=29529)
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    validate_common_args(args)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    args.model_name = resolve_pretrain_name(args.model)
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Pretrain as the arguments say; returns the last epoch's training averages."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    validate_args(args)
+    check_output_dir(args.output_dir)
+    resolve_resume(args)
+    log_args(args)
+
+    seed_everything(args.seed + get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset_train = image_folder(f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size))
+    data_loader_train = train_loader(dataset_train, args, device)
+
+    model = build_pretrain_model(args.model_name, args.input_size, norm_pix_loss=args.norm_pix_loss)
+    if args.finetune:
+        load_pretrained(model, args.finetune, classifier=False)
+    model.to(device)
+    model_without_ddp = model
+    logger.info("Model = %s", model_without_ddp)
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:  # only base_lr is given
+        args.lr = args.blr * eff_batch_size / 256
+    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
+    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+
+    model = wrap_ddp(model, args)
+    if args.compile:
+        model = torch.compile(model)
+
+    # as official (timm's add_weight_decay): no weight decay for biases and 1-D parameters
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    fused = True if device.type == "cuda" else None  # one kernel for all parameters
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    logger.info("optimizer: %s", optimizer)
+    loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
+    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    log_writer = None
+    if is_main_process():
+        if args.output_dir:
+            save_args_json(args, args.output_dir)
+        if args.log_dir:
+            log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    logger.info("Start training for %d epochs", args.epochs)
+    start_time = time.time()
+    train_stats: dict[str, float] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch)
+        seed_everything(epoch_seed(args.seed, get_rank(), epoch))
+        train_stats = train_one_epoch(
+            model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args
+        )
+        numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if args.output_dir and is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            append_log_line(args.output_dir, log_stats)
+
+    if log_writer is not None:
+        log_writer.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    return train_stats
+
+
+if __name__ == "__main__":
+    run_cli(argparse.ArgumentParser("MAE / MixMIM pre-training", parents=[get_args_parser()]), main)

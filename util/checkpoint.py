@@ -1,0 +1,312 @@
+"""Checkpoints: atomic saves, ``--resume PATH|auto``, and ``--finetune`` loading of pretrained weights.
+
+A checkpoint is a plain dict, ``{"model", "optimizer", "scaler", "epoch", "args" (a dict), "model_name"}``, that
+loads with ``torch.load(weights_only=True)``. Every write goes to a temporary file in the same folder that is
+renamed over the target, so a file named ``checkpoint-*.pth`` is always complete. Official checkpoints (which
+pickle an ``argparse.Namespace``) load too: that one class is allow-listed, nothing else.
+"""
+
+import argparse
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from util import pos_embed
+from util.dist import is_main_process
+from util.misc import UsageError, args_to_dict
+
+logger = logging.getLogger(__name__)
+
+LAST = "checkpoint-last.pth"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """``torch.load`` on the CPU with ``weights_only=True`` (``argparse.Namespace`` allowed for official files)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"checkpoint {path} holds Python objects that are not plain data ({first})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UsageError(f"checkpoint {path} is unreadable or truncated: {e}") from e
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (hard link, else a copy), atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(
+    args: argparse.Namespace,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_scaler,
+    numbered: bool,
+) -> None:
+    """Write ``checkpoint-last.pth`` and, if ``numbered``, ``checkpoint-{epoch}.pth`` (main process only)."""
+    if not args.output_dir or not is_main_process():
+        return
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": loss_scaler.state_dict(),
+        "epoch": epoch,
+        "args": args_to_dict(args),
+        "model_name": getattr(args, "model_name", args.model),
+    }
+    out = Path(args.output_dir)
+    last = out / LAST
+    save_atomic(state, last)
+    if numbered:
+        _link_atomic(last, out / f"checkpoint-{epoch}.pth")
+    logger.info("saved %s%s", last, f" and checkpoint-{epoch}.pth" if numbered else "")
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in ``output_dir``: ``checkpoint-last.pth``, else the highest-numbered one.
+
+    Files that fail to load are skipped with a warning; temporary files are never considered.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    numbered = sorted(
+        (int(m.group(1)), p) for p in out.iterdir() if (m := _NUMBERED.match(p.name)) and p.is_file()
+    )
+    candidates = [out / LAST] if (out / LAST).is_file() else []
+    candidates += [p for _, p in reversed(numbered)]
+    for path in candidates:
+        try:
+            load_checkpoint_file(path)
+        except UsageError as e:
+            logger.warning("skipping %s: %s", path, e)
+            continue
+        return str(path)
+    return None
+
+
+def resolve_resume(args: argparse.Namespace) -> None:
+    """Turn ``--resume auto`` into a path (or '' when there is nothing to resume from).
+
+    A ``--resume`` path that does not exist inside ``--output_dir`` is read as the official MixMIM scripts mean
+    it (``--resume ${work_path}/ckpt/checkpoint.pth`` on every launch): resume from the newest checkpoint there,
+    if any. Elsewhere a missing path is an error.
+    """
+    if not args.resume:
+        return
+    if args.resume == "auto":
+        if not args.output_dir:
+            raise UsageError("--resume auto needs --output_dir")
+        found = find_resume_checkpoint(args.output_dir)
+        logger.info("--resume auto: %s", found or f"no checkpoint in {args.output_dir}, starting from scratch")
+        args.resume = found or ""
+        return
+    path = Path(args.resume)
+    if path.is_file():
+        return
+    if args.output_dir and path.parent.resolve() == Path(args.output_dir).resolve():
+        found = find_resume_checkpoint(args.output_dir)
+        logger.info("--resume %s does not exist; resuming from %s", args.resume, found or "scratch")
+        args.resume = found or ""
+        return
+    raise UsageError(f"--resume {args.resume} does not exist")
+
+
+def state_dict_of(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: under ``model``, ``state_dict`` or at top level; ``module.`` stripped."""
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()}
+
+
+def _mismatch_summary(model: nn.Module, state_dict: dict, ignore_missing=(), ignore_unexpected=()) -> str:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and k not in ignore_missing]
+    unexpected = [k for k in state_dict if k not in own and k not in ignore_unexpected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (ckpt vs model)", shapes)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 4 else ""
+            parts.append(f"{label}: {', '.join(keys[:4])}{more}")
+    return "; ".join(parts)
+
+
+def load_model_strict(model: nn.Module, state_dict: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that lists what does not fit."""
+    problems = _mismatch_summary(model, state_dict)
+    if problems:
+        raise UsageError(f"checkpoint {source} does not fit the model: {problems}")
+    model.load_state_dict(state_dict)
+
+
+def load_resume(
+    args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_scaler
+) -> None:
+    """Load ``--resume`` (after ``resolve_resume``): weights always; optimizer, scaler and epoch unless ``--eval``."""
+    if not args.resume:
+        return
+    checkpoint = load_checkpoint_file(args.resume)
+    load_model_strict(unwrap(model), state_dict_of(checkpoint), args.resume)
+    logger.info("Resume checkpoint %s", args.resume)
+    if optimizer is not None and "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", 0):
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"checkpoint {args.resume}: optimizer state does not fit this run: {e}") from e
+        args.start_epoch = int(checkpoint["epoch"]) + 1
+        if "scaler" in checkpoint and loss_scaler is not None:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        logger.info("With optimizer & scaler state; continuing at epoch %d", args.start_epoch)
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+
+def _family_of_keys(keys) -> str | None:
+    keys = list(keys)
+    if any(k.startswith("blocks.") for k in keys):
+        return "ViT (MAE)"
+    if any(k.startswith("layers.") for k in keys):
+        return "MixMIM"
+    return None
+
+
+def interpolate_pos_embed_any(model: nn.Module, state_dict: dict) -> None:
+    """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model``."""
+    if any(k.startswith("layers.") for k in model.state_dict()):
+        fn = getattr(pos_embed, "interpolate_pos_embed_mixmim", None)
+        if fn is not None:
+            fn(model, state_dict)
+            return
+    pos_embed.interpolate_pos_embed(model, state_dict)
+
+
+def _is_pretraining_only(key: str, model_keys: set[str]) -> bool:
+    """Keys of a pretraining checkpoint that a classifier drops: the decoder, the mask token, and the final
+    ``norm`` that global-pool classifiers replace with ``fc_norm``."""
+    if key.startswith("decoder") or key == "mask_token":
+        return True
+    return key.startswith("norm.") and not any(k.startswith("norm.") for k in model_keys)
+
+
+def load_pretrained(
+    model: nn.Module, path: str, head_init_std: float | None = 2e-5, classifier: bool = True
+) -> tuple[list[str], list[str]]:
+    """``--finetune``: load pretrained weights (ours or official) into ``model`` and return (missing, unexpected).
+
+    For a classifier: a head of another shape is dropped and re-initialised (trunc normal, ``head_init_std``, as
+    official), position embeddings are interpolated, and the load fails with one line if a key other than the
+    head / ``fc_norm`` / buffers is missing, or a key other than the decoder's is unexpected. For a pretraining
+    model (MixMIM's ``--finetune`` in pretraining) everything that fits is loaded and the rest reported.
+    """
+    checkpoint = load_checkpoint_file(path)
+    state_dict = state_dict_of(checkpoint)
+    own = model.state_dict()
+    ck_family, own_family = _family_of_keys(state_dict), _family_of_keys(own)
+    if ck_family and own_family and ck_family != own_family:
+        raise UsageError(f"--finetune {path} is a {ck_family} checkpoint but the model is {own_family}")
+    logger.info("Load pre-trained checkpoint from: %s", path)
+
+    for k in ("head.weight", "head.bias"):
+        if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
+            logger.info("Removing key %s from pretrained checkpoint", k)
+            del state_dict[k]
+    interpolate_pos_embed_any(model, state_dict)
+
+    own_keys = set(own)
+    buffers = {n for n, _ in model.named_buffers()}
+    if classifier:
+        allowed_missing = {k for k in own_keys if k.startswith(("head.", "fc_norm.")) or k in buffers}
+        allowed_unexpected = {k for k in state_dict if _is_pretraining_only(k, own_keys)}
+        problems = _mismatch_summary(model, state_dict, allowed_missing, allowed_unexpected)
+        if problems:
+            raise UsageError(f"--finetune {path} does not fit --model: {problems}")
+    else:
+        for k in [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]:
+            logger.warning("not loading %s: shape %s vs %s", k, tuple(state_dict[k].shape), tuple(own[k].shape))
+            del state_dict[k]
+
+    msg = model.load_state_dict(state_dict, strict=False)
+    logger.info("missing keys: %s", msg.missing_keys)
+    logger.info("unexpected keys: %s", msg.unexpected_keys)
+    if classifier and head_init_std is not None and hasattr(model, "head") and hasattr(model.head, "weight"):
+        trunc_normal_(model.head.weight, std=head_init_std)  # as official: a tiny random head
+    return list(msg.missing_keys), list(msg.unexpected_keys)

@@ -1,0 +1,270 @@
+"""Small helpers shared by the entry scripts: metric logging with ETA and throughput, seeding, errors, args.json."""
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from util.dist import cleanup, is_dist_avail_and_initialized
+from util.errors import NonFiniteLossError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def check_finite_loss(loss_value: float, epoch: int, step: int, steps_per_epoch: int, lr: float, amp: str) -> None:
+    """Stop with the step number and a hint when the loss is NaN or infinite."""
+    if math.isfinite(loss_value):
+        return
+    hint = "lower --blr/--lr or set --clip_grad"
+    if amp == "fp16":
+        hint += ", or use --amp bf16 (or none)"
+    raise NonFiniteLossError(
+        f"loss is {loss_value} at epoch {epoch}, step {step}/{steps_per_epoch} "
+        f"(global step {epoch * steps_per_epoch + step}), lr {lr:.3g}, amp {amp}; stopping training "
+        f"without saving. Hint: {hint}; the last checkpoint is left as it was"
+    )
+
+
+class SmoothedValue:
+    """A series of values: the median/average over a window, and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device: torch.device | str = "cpu") -> None:
+        """Sum count and total over processes (the window is not synchronised)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+class MetricLogger:
+    """Named ``SmoothedValue`` meters and a progress iterator that logs ETA, images/s and peak memory."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs: float) -> None:
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def __getattr__(self, attr: str) -> SmoothedValue:
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device: torch.device | str = "cpu") -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def global_averages(self) -> dict[str, float]:
+        return {k: meter.global_avg for k, meter in self.meters.items()}
+
+    def log_every(
+        self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 0
+    ) -> Iterator:
+        """Yield from ``iterable``, logging every ``print_freq`` steps and at the last one.
+
+        ``images_per_step``: images processed per step over all processes, for the images/s figure.
+        """
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self)]
+                parts.append(f"time: {iter_time}  data: {data_time}")
+                if images_per_step and iter_time.avg > 0:
+                    parts.append(f"img/s: {images_per_step / iter_time.avg:.1f}")
+                if cuda:
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+                logger.info(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total_time = time.time() - start
+        logger.info(
+            "%s Total time: %s (%.4f s / it)",
+            header,
+            datetime.timedelta(seconds=int(total_time)),
+            total_time / max(total, 1),
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and Python ``random``."""
+    seed = int(seed) % 2**32
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A seed for (run seed, rank, epoch), distinct for every pair of rank and epoch.
+
+    Reseeding at every epoch start makes an epoch's random draws (augmentation, masks, drop path, mixup)
+    independent of what ran before, so a resumed run repeats the uninterrupted one exactly.
+    """
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (set per epoch)."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """The resolved arguments as plain JSON data (paths and devices become strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_args_json(args: argparse.Namespace, output_dir: str) -> None:
+    write_text_atomic(Path(output_dir) / "args.json", json.dumps(args_to_dict(args), indent=2, sort_keys=True) + "\n")
+
+
+def append_log_line(output_dir: str, stats: dict) -> None:
+    """One JSON line per epoch in ``output_dir/log.txt``, as the official code."""
+    with open(Path(output_dir) / "log.txt", mode="a", encoding="utf-8") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` and make sure we can write there (before any work is done)."""
+    if not output_dir:
+        return
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(output_dir) / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output_dir {output_dir} is not writable: {e.strerror or e}") from e
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
+    """The distributed flags of the official scripts (same names and defaults), then this project's new flags."""
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", action="store_true")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--port", default=port, type=int, help="MASTER_PORT for SLURM launches (MixMIM)")
+
+    new = parser.add_argument_group("not in the official scripts")
+    new.add_argument(
+        "--amp", default=None, choices=["bf16", "fp16", "none"],
+        help="mixed precision; default bf16 on CUDA devices that support it, fp16 on older GPUs, none on CPU",
+    )
+    new.add_argument("--compile", action="store_true", help="torch.compile the model")
+    new.add_argument("--print_freq", default=20, type=int, help="log a progress line every N steps")
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """One-line errors for arguments that cannot work, before any work is done."""
+    for name in ("batch_size", "accum_iter", "epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if getattr(args, "input_size", 1) < 1:
+        raise UsageError(f"--input_size must be positive, got {args.input_size}")
+    if getattr(args, "save_freq", 1) < 1:
+        raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+    if args.print_freq < 1:
+        raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
+    if args.start_epoch < 0:
+        raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UsageError(f"--data_path {args.data_path} does not exist")
+
+
+def log_args(args: argparse.Namespace) -> None:
+    logger.info("job dir: %s", Path(__file__).resolve().parent.parent)
+    logger.info("arguments:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object]) -> None:
+    """Parse the command line and run ``main``; usage errors and non-finite losses end with one line, exit 1."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (UsageError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        cleanup()
+        sys.exit(1)
+    cleanup()
