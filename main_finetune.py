@@ -1,0 +1,272 @@
+"""Fine-tuning for image classification (ViT from MAE, or MixMIM), and ``--eval`` of fine-tuned checkpoints.
+
+    torchrun --nproc_per_node=8 main_finetune.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth \
+        --epochs 100 --blr 5e-4 --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --dist_eval ...
+    python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --batch_size 16 ...
+"""
+
+import argparse
+import datetime
+import logging
+import time
+
+import torch
+from timm.data.mixup import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.tensorboard import SummaryWriter
+
+import util.lr_decay as lrd
+from engine_finetune import evaluate, train_one_epoch
+from util.amp import NativeScalerWithGradNormCount as NativeScaler
+from util.amp import resolve_amp
+from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
+from util.datasets import build_dataset, check_num_classes, train_loader, val_loader
+from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
+from util.misc import (
+    UsageError,
+    add_runtime_args,
+    append_log_line,
+    check_output_dir,
+    epoch_seed,
+    log_args,
+    run_cli,
+    save_args_json,
+    seed_everything,
+    validate_common_args,
+)
+from util.models import build_classifier, resolve_classifier_name
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE / MixMIM fine-tuning for image classification", add_help=False)
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    parser.add_argument("--epochs", default=50, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="Accumulate gradient iterations (for increasing the effective batch size under memory "
+                             "constraints)")
+
+    # Model parameters
+    parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
+                        help="Name of model to train (vit_* or mixmim_*)")
+    parser.add_argument("--input_size", default=224, type=int, help="images input size")
+    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="Drop path rate (default: 0.1)")
+
+    # Optimizer parameters
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                        help="Clip gradient norm (default: None, no clipping)")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+    parser.add_argument("--min_lr", type=float, default=1e-6, metavar="LR",
+                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument("--warmup_epochs", type=int, default=5, metavar="N", help="epochs to warmup LR")
+
+    # Augmentation parameters
+    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                        help="Color jitter factor (enabled only when not using Auto/RandAug)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='Use AutoAugment policy. "v0" or "original". (default: rand-m9-mstd0.5-inc1)')
+    parser.add_argument("--smoothing", type=float, default=0.1, help="Label smoothing (default: 0.1)")
+
+    # * Random Erase params
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob (default: 0.25)")
+    parser.add_argument("--remode", type=str, default="pixel", help='Random erase mode (default: "pixel")')
+    parser.add_argument("--recount", type=int, default=1, help="Random erase count (default: 1)")
+    parser.add_argument("--resplit", action="store_true", default=False,
+                        help="Do not random erase first (clean) augmentation split")
+
+    # * Mixup params
+    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0.")
+    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0.")
+    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)")
+    parser.add_argument("--mixup_prob", type=float, default=1.0,
+                        help="Probability of performing mixup or cutmix when either/both is enabled")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="Probability of switching to cutmix when both mixup and cutmix enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch",
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    # * Finetuning params
+    parser.add_argument("--finetune", default="", help="finetune from checkpoint")
+    parser.add_argument("--global_pool", action="store_true")
+    parser.set_defaults(global_pool=True)
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="Use class token instead of global pool for classification (ViT)")
+
+    # Dataset parameters
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="dataset path (an ImageFolder with train/ and val/)")
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of the classification types")
+    parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument("--device", default=None,
+                        help="device to use for training / testing (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="",
+                        help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--eval", action="store_true", help="Perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="Enabling distributed evaluation (recommended during training for faster monitor")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--save_freq", default=1, type=int,
+                        help="write checkpoint-{epoch}.pth every N epochs and at the last one (official: every "
+                             "epoch); checkpoint-last.pth is written every epoch")
+
+    add_runtime_args(parser, port=29530)
+    return parser
+
+
+def build_mixup(args: argparse.Namespace) -> Mixup | None:
+    """timm's Mixup/CutMix (with label smoothing folded into the soft targets), if enabled."""
+    if not (args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None):
+        return None
+    if args.batch_size % 2 != 0:
+        raise UsageError(f"mixup/cutmix needs an even --batch_size, got {args.batch_size}")
+    logger.info("Mixup is activated!")
+    return Mixup(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing, num_classes=args.nb_classes,
+    )
+
+
+def build_criterion(args: argparse.Namespace, mixup_fn: Mixup | None) -> torch.nn.Module:
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is in the mixup targets
+    if args.smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Fine-tune (or with ``--eval`` only evaluate); returns the last test stats (acc1, acc5, loss)."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    validate_common_args(args)
+    args.model_name = resolve_classifier_name(args.model)
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    resolve_resume(args)
+    if args.eval and not args.resume:
+        logger.warning("--eval without --resume evaluates a randomly initialised model")
+    log_args(args)
+
+    seed_everything(args.seed + get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset_val = build_dataset(is_train=False, args=args)
+    check_num_classes(dataset_val, args.nb_classes)
+    data_loader_val = val_loader(dataset_val, args, device)
+    if not args.eval:
+        dataset_train = build_dataset(is_train=True, args=args)
+        check_num_classes(dataset_train, args.nb_classes)
+        data_loader_train = train_loader(dataset_train, args, device)
+    mixup_fn = build_mixup(args)
+
+    model = build_classifier(args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, head_init_std=2e-5)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Model = %s", model_without_ddp)
+    logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:  # only base_lr is given
+        args.lr = args.blr * eff_batch_size / 256
+    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
+    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+
+    model = wrap_ddp(model, args)
+    if args.compile:
+        model = torch.compile(model)
+
+    # layer-wise lr decay; no weight decay for biases, norms and the model's no_weight_decay() names
+    param_groups = lrd.param_groups_lrd(
+        model_without_ddp, args.weight_decay,
+        no_weight_decay_list=model_without_ddp.no_weight_decay(), layer_decay=args.layer_decay,
+    )
+    fused = True if device.type == "cuda" else None  # one kernel for all parameters
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=fused)
+    loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
+    criterion = build_criterion(args, mixup_fn)
+    logger.info("criterion = %s", criterion)
+
+    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
+        logger.info("Accuracy of the network on the %d test images: %.1f%%", len(dataset_val), test_stats["acc1"])
+        return test_stats
+
+    return fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, mixup_fn,
+               data_loader_train, data_loader_val, n_parameters, device, max_norm=args.clip_grad)
+
+
+def fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, mixup_fn,
+        data_loader_train, data_loader_val, n_parameters: int, device: torch.device,
+        max_norm: float | None) -> dict[str, float]:
+    """The epoch loop shared by fine-tuning and linear probing: train, checkpoint, evaluate, log."""
+    log_writer = None
+    if is_main_process():
+        if args.output_dir:
+            save_args_json(args, args.output_dir)
+        if args.log_dir:
+            log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    logger.info("Start training for %d epochs", args.epochs)
+    start_time = time.time()
+    max_accuracy = 0.0
+    test_stats: dict[str, float] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch)
+        seed_everything(epoch_seed(args.seed, get_rank(), epoch))
+        train_stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+            max_norm, mixup_fn, log_writer=log_writer, args=args,
+        )
+        numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
+
+        test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)",
+                    len(data_loader_val.dataset), test_stats["acc1"], max_accuracy)
+        if log_writer is not None:
+            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
+            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
+            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
+
+        log_stats = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items()},
+            "epoch": epoch,
+            "n_parameters": n_parameters,
+        }
+        if args.output_dir and is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            append_log_line(args.output_dir, log_stats)
+
+    if log_writer is not None:
+        log_writer.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    return test_stats
+
+
+if __name__ == "__main__":
+    run_cli(argparse.ArgumentParser("MAE / MixMIM fine-tuning", parents=[get_args_parser()]), main)

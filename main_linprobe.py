@@ -1,0 +1,162 @@
+"""Linear probing: a BatchNorm (no affine) + linear head on frozen pretrained features, trained with LARS.
+
+ViT: the cls token (``--cls_token``, default) or pooled patch tokens (``--global_pool``); MixMIM: its pooled
+last-stage features. Example (official recipe, 4 nodes x 8 GPUs):
+
+    torchrun ... main_linprobe.py --model vit_base_patch16 --cls_token --finetune mae_pretrain_vit_base.pth \
+        --batch_size 512 --epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval --data_path /imagenet
+"""
+
+import argparse
+import logging
+import os
+
+import torch
+
+from engine_finetune import evaluate
+from main_finetune import fit
+from util.amp import NativeScalerWithGradNormCount as NativeScaler
+from util.amp import resolve_amp
+from util.checkpoint import load_pretrained, load_resume, resolve_resume
+from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
+from util.dist import get_rank, init_distributed_mode, wrap_ddp
+from util.lars import LARS
+from util.misc import add_runtime_args, check_output_dir, log_args, run_cli, seed_everything, validate_common_args
+from util.models import build_classifier, resolve_classifier_name
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE / MixMIM linear probing for image classification", add_help=False)
+    parser.add_argument("--batch_size", default=512, type=int,
+                        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    parser.add_argument("--epochs", default=90, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="Accumulate gradient iterations (for increasing the effective batch size under memory "
+                             "constraints)")
+
+    # Model parameters
+    parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
+                        help="Name of model to train (vit_* or mixmim_*)")
+    parser.add_argument("--input_size", default=224, type=int, help="images input size (official: fixed 224)")
+
+    # Optimizer parameters
+    parser.add_argument("--weight_decay", type=float, default=0,
+                        help="weight decay (default: 0 for linear probe following MoCo v1)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    parser.add_argument("--blr", type=float, default=0.1, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR",
+                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument("--warmup_epochs", type=int, default=10, metavar="N", help="epochs to warmup LR")
+
+    # * Finetuning params
+    parser.add_argument("--finetune", default="", help="finetune from checkpoint")
+    parser.add_argument("--global_pool", action="store_true")
+    parser.set_defaults(global_pool=False)
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="Use class token instead of global pool for classification (ViT)")
+
+    # Dataset parameters
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="dataset path (an ImageFolder with train/ and val/)")
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of the classification types")
+    parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument("--device", default=None,
+                        help="device to use for training / testing (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="",
+                        help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--eval", action="store_true", help="Perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="Enabling distributed evaluation (recommended during training for faster monitor")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--save_freq", default=1, type=int,
+                        help="write checkpoint-{epoch}.pth every N epochs and at the last one (official: every "
+                             "epoch); checkpoint-last.pth is written every epoch")
+
+    add_runtime_args(parser, port=29531)
+    return parser
+
+
+def add_probe_head(model: torch.nn.Module) -> None:
+    """Replace ``model.head`` by BatchNorm1d (no affine, eps 1e-6) + the head, and freeze everything else."""
+    model.head = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head
+    )
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    """Train a linear probe (or with ``--eval`` only evaluate one); returns the last test stats."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    validate_common_args(args)
+    args.model_name = resolve_classifier_name(args.model)
+    if not args.eval:
+        check_output_dir(args.output_dir)
+    resolve_resume(args)
+    log_args(args)
+
+    seed_everything(args.seed + get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset_val = image_folder(os.path.join(args.data_path, "val"), eval_transform(args.input_size))
+    check_num_classes(dataset_val, args.nb_classes)
+    data_loader_val = val_loader(dataset_val, args, device)
+    data_loader_train = None
+    if not args.eval:
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), linprobe_transform(args.input_size))
+        check_num_classes(dataset_train, args.nb_classes)
+        data_loader_train = train_loader(dataset_train, args, device)
+
+    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
+    add_probe_head(model)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Model = %s", model_without_ddp)
+    logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:  # only base_lr is given
+        args.lr = args.blr * eff_batch_size / 256
+    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
+    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+
+    model = wrap_ddp(model, args)
+    if args.compile:
+        model = torch.compile(model)
+
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    logger.info("optimizer: %s", optimizer)
+    loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
+    criterion = torch.nn.CrossEntropyLoss()
+
+    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
+        logger.info("Accuracy of the network on the %d test images: %.1f%%", len(dataset_val), test_stats["acc1"])
+        return test_stats
+
+    return fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, None,
+               data_loader_train, data_loader_val, n_parameters, device, max_norm=None)
+
+
+if __name__ == "__main__":
+    run_cli(argparse.ArgumentParser("MAE / MixMIM linear probing", parents=[get_args_parser()]), main)
