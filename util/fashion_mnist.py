@@ -5,8 +5,9 @@ The files are read with torchvision's ``FashionMNIST`` class, which wants the fo
 ``/usr/share/datasets/fashion-mnist/`` (read-only), so ``prepare_root`` builds that layout in a cache folder:
 gzipped files are decompressed there, uncompressed ones are symlinked. Any folder holding the same files works.
 
-Images are padded 28 -> 32 (2 black pixels each side, the background colour), so every 4x4 patch holds original
-pixels, repeated over 3 channels and normalised with the ImageNet mean and std, as the models expect.
+Images are padded 28 -> 32 (2 black pixels each side, the background colour), optionally resized (bicubic) to
+another size (64 for ``mixmim_tiny``), repeated over 3 channels and normalised with the ImageNet mean and std, as
+the models expect.
 """
 
 import gzip
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 
@@ -90,11 +92,12 @@ def prepare_root(data_path: str | os.PathLike = DEFAULT_DATA_PATH, cache_dir: st
     return str(root)
 
 
-class FashionMNIST32(Dataset):
-    """A split of Fashion-MNIST as ``(image (3, 32, 32) float, label int)`` pairs, optionally a subset.
+class FashionMNISTImages(Dataset):
+    """A split of Fashion-MNIST as ``(image (3, S, S) float, label int)`` pairs (S = ``img_size``), optionally a
+    fixed random subset of ``num_samples`` images.
 
     The images are kept as one uint8 tensor (N, 32, 32) and normalised per item, which is much faster than PIL
-    transforms on 28x28 images. ``hflip`` flips each item with probability 0.5 (pretraining augmentation).
+    transforms on 28x28 images. ``hflip`` flips each item with probability 0.5 (training augmentation).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class FashionMNIST32(Dataset):
         num_samples: int | None = None,
         seed: int = 0,
         hflip: bool = False,
+        img_size: int = 32,
     ) -> None:
         base = FashionMNIST(root, train=train, download=False)
         images, targets = base.data, base.targets  # (N, 28, 28) uint8, (N,) int64
@@ -114,6 +118,7 @@ class FashionMNIST32(Dataset):
         self.images = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))  # (N, 32, 32)
         self.targets = targets
         self.hflip = hflip
+        self.img_size = img_size
         self.classes = CLASSES
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -123,9 +128,12 @@ class FashionMNIST32(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img = self.images[index].float().div_(255)  # (32, 32) in [0, 1]
+        if self.img_size != img.shape[-1]:
+            img = F.interpolate(img[None, None], size=self.img_size, mode="bicubic", align_corners=False)
+            img = img[0, 0].clamp_(0, 1)  # (S, S)
         if self.hflip and torch.rand(()) < 0.5:
             img = img.flip(-1)
-        img = (img.expand(3, -1, -1) - self.mean) / self.std  # (3, 32, 32)
+        img = (img.expand(3, -1, -1) - self.mean) / self.std  # (3, S, S)
         return img, int(self.targets[index])
 
 

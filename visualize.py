@@ -1,0 +1,273 @@
+"""Reconstructions of a pretraining checkpoint, as the official MAE demo notebook (``demo/mae_visualize.ipynb``).
+
+For each image, one PNG with four panels: original | masked input (MixMIM: the mixed input) | reconstruction |
+reconstruction with the visible patches pasted in. Works with our pretraining checkpoints (both families) and the
+official ones that hold the decoder (``mae_visualize_vit_*.pth``; MixMIM pretraining checkpoints)::
+
+    python visualize.py --checkpoint output_demo/pretrain/checkpoint-last.pth          # Fashion-MNIST test images
+    python visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 --images fox.jpg
+
+MAE masks each image on its own; masked patches are shown grey (zero after normalisation), as in the notebook.
+MixMIM masks with one mask per batch and fills each image's masked cells with those of its partner (the batch in
+reverse order), so it needs at least two images; the reconstruction puts each cell's prediction back in place, from
+whichever of the two decoder rows had that cell hidden. For models trained with ``norm_pix_loss`` the predictions are
+per-patch normalised pixels; they are shown with the mean and variance of the original patch, as the target was
+normalised (so a patch's brightness comes from the original; its content from the model).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+from util.checkpoint import load_checkpoint_file, load_model_strict, state_dict_of
+from util.fashion_mnist import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, FashionMNISTImages, prepare_root
+from util.misc import UsageError
+from util.models import build_pretrain_model, resolve_pretrain_name
+
+logger = logging.getLogger(__name__)
+
+TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+MIXMIM_TITLES = ("original", "mixed", "reconstruction", "reconstruction + visible")
+GAP = 4  # pixels between and around the panels
+TITLE_HEIGHT = 14  # pixels above the panels for their titles
+
+
+def is_mixmim(model: nn.Module) -> bool:
+    return hasattr(model, "unmix")
+
+
+def _denorm_patches(model: nn.Module, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Predicted patches (N, L, P) in image space: undo the per-patch target normalisation of norm_pix_loss."""
+    if not model.norm_pix_loss:
+        return pred
+    target = model.patchify(imgs)  # (N, L, P)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return pred * (var + 1.0e-6) ** 0.5 + mean
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None = None) -> dict[str, torch.Tensor]:
+    """Run a pretraining model on normalised images (N, 3, H, W); returns normalised (N, 3, H, W) images.
+
+    Keys: ``original``, ``masked`` (MAE: masked patches zeroed; MixMIM: the mixed input), ``reconstruction``,
+    ``pasted`` (the visible patches of the original, the reconstruction elsewhere) and ``mask`` (N, 1, H, W),
+    1 where the image was hidden from the encoder. The masks come from the global torch (and, for MixMIM,
+    Python ``random``) RNG: seed them for reproducible pictures. ``mask_ratio`` defaults to the family's (0.75
+    for MAE, 0.5 for MixMIM).
+    """
+    model.eval()
+    if is_mixmim(model):
+        if imgs.shape[0] < 2:
+            raise ValueError("MixMIM mixes each image with another of the batch: give at least 2 images")
+        _, x_rec, mask = model(imgs, mask_ratio=0.5 if mask_ratio is None else mask_ratio)  # (2N, Lo, P), (1, Lo, 1)
+        pred = _denorm_patches(model, imgs, model.unmix(x_rec, mask))  # (N, Lo, P)
+        mask = mask.expand(imgs.shape[0], -1, -1)  # (N, Lo, 1)
+    else:
+        _, pred, mask = model(imgs, mask_ratio=0.75 if mask_ratio is None else mask_ratio)  # (N, L, P), (N, L)
+        pred = _denorm_patches(model, imgs, pred)
+        mask = mask.unsqueeze(-1)  # (N, L, 1)
+    recon = model.unpatchify(pred)  # (N, 3, H, W)
+    mask = model.unpatchify(mask.expand(-1, -1, pred.shape[-1] // imgs.shape[1]))  # (N, 1, H, W), 1 is hidden
+    if is_mixmim(model):
+        masked = imgs * (1 - mask) + imgs.flip(0) * mask  # the encoder's mixed input
+    else:
+        masked = imgs * (1 - mask)
+    return {
+        "original": imgs,
+        "masked": masked,
+        "reconstruction": recon,
+        "pasted": imgs * (1 - mask) + recon * mask,
+        "mask": mask,
+    }
+
+
+def to_pil(img: torch.Tensor, scale: int = 1) -> Image.Image:
+    """A normalised (3, H, W) image -> an RGB PIL image, upscaled ``scale`` times (nearest neighbour)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((img.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+    pil = Image.fromarray(rgb.permute(1, 2, 0).numpy(), mode="RGB")
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale != 1 else pil
+
+
+def panel_size(height: int, width: int, scale: int = 1, columns: int = 4) -> tuple[int, int]:
+    """(width, height) of the PNG that ``make_panel`` writes for images of ``height`` x ``width``."""
+    return columns * width * scale + (columns + 1) * GAP, TITLE_HEIGHT + height * scale + 2 * GAP
+
+
+def make_panel(images: list[torch.Tensor], titles: tuple[str, ...], scale: int = 1) -> Image.Image:
+    """Normalised (3, H, W) images side by side on white, each under its title."""
+    tiles = [to_pil(img, scale) for img in images]
+    w, h = tiles[0].size
+    canvas = Image.new("RGB", panel_size(h, w, 1, len(tiles)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
+        x = GAP + i * (w + GAP)
+        canvas.paste(tile, (x, TITLE_HEIGHT + GAP))
+        text = title
+        while draw.textlength(text, font=font) > w and len(text) > 1:  # shorten titles wider than small tiles
+            text = text[:-1]
+        draw.text((x, 1), text, fill="black", font=font)
+    return canvas
+
+
+def default_scale(side: int) -> int:
+    """Upscale small images so that each panel is at least ~128 pixels wide."""
+    return max(1, 128 // side)
+
+
+def save_reconstructions(
+    model: nn.Module,
+    imgs: torch.Tensor,
+    output_dir: str | Path,
+    mask_ratio: float | None = None,
+    seed: int = 2,
+    scale: int | None = None,
+    prefix: str = "reconstruction",
+) -> list[Path]:
+    """One PNG per image (``{prefix}_{i}.png``) and all of them stacked (``{prefix}s.png``); returns the paths.
+
+    imgs: (N, 3, H, W) normalised images, on the model's device. The masks are drawn after seeding torch and Python
+    ``random`` with ``seed`` (the notebook uses ``torch.manual_seed(2)``); the global RNG states are restored after.
+    """
+    import random
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scale = scale or default_scale(imgs.shape[-1])
+    cpu_state, py_state = torch.random.get_rng_state(), random.getstate()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        out = reconstruct(model, imgs, mask_ratio)
+    finally:
+        torch.random.set_rng_state(cpu_state)
+        random.setstate(py_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    titles = MIXMIM_TITLES if is_mixmim(model) else TITLES
+    paths, panels = [], []
+    for i in range(imgs.shape[0]):
+        panel = make_panel([out[k][i] for k in ("original", "masked", "reconstruction", "pasted")], titles, scale)
+        path = output_dir / f"{prefix}_{i}.png"
+        panel.save(path)
+        paths.append(path)
+        panels.append(panel)
+    grid = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    for i, panel in enumerate(panels):
+        grid.paste(panel, (0, i * panels[0].height))
+    grid_path = output_dir / f"{prefix}s.png"
+    grid.save(grid_path)
+    logger.info("wrote %d reconstructions to %s (all in %s)", len(paths), output_dir, grid_path.name)
+    return paths
+
+
+def load_pretrain_checkpoint(
+    path: str,
+    model_name: str | None = None,
+    input_size: int | None = None,
+    norm_pix_loss: bool | None = None,
+) -> nn.Module:
+    """A pretraining model with the weights of ``path`` (ours, or official: a dict with ``model``), loaded strictly.
+
+    The model name, input size and norm_pix_loss come from the arguments, else from the checkpoint (ours record
+    them), else the model's defaults; official checkpoints need ``model_name``.
+    """
+    checkpoint = load_checkpoint_file(path)
+    saved = checkpoint.get("args") or {}
+    if not isinstance(saved, dict):  # official checkpoints pickle an argparse.Namespace
+        saved = vars(saved)
+    model_name = model_name or checkpoint.get("model_name") or saved.get("model")
+    if not model_name:
+        raise UsageError(f"{path} does not say which model it holds: pass --model (e.g. mae_vit_large_patch16)")
+    model_name = resolve_pretrain_name(model_name)
+    kwargs = {}
+    npl = norm_pix_loss if norm_pix_loss is not None else saved.get("norm_pix_loss")
+    if npl is not None:
+        kwargs["norm_pix_loss"] = bool(npl)
+    size = input_size or saved.get("input_size")
+    if size is None:  # the model's own default size
+        import timm
+
+        size = model_input_size(timm.create_model(model_name, **kwargs))
+    model = build_pretrain_model(model_name, int(size), **kwargs)
+    load_model_strict(model, state_dict_of(checkpoint), path)
+    logger.info("loaded %s (%s, %dx%d, norm_pix_loss=%s)", path, model_name, size, size, model.norm_pix_loss)
+    return model
+
+
+def model_input_size(model: nn.Module) -> int:
+    """The image side a pretraining model was built for."""
+    size = getattr(model, "img_size", None) or model.patch_embed.img_size
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def load_images(paths: list[str], size: int) -> torch.Tensor:
+    """Image files -> (N, 3, size, size) normalised, resized as the notebook (straight to size x size, bicubic)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    imgs = []
+    for p in paths:
+        try:
+            img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
+        except OSError as e:
+            raise UsageError(f"cannot read image {p}: {e}") from e
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        imgs.append((x.permute(2, 0, 1).float() / 255 - mean) / std)  # (3, size, size)
+    return torch.stack(imgs)
+
+
+def fashion_mnist_images(data_path: str, num: int, size: int, cache_dir: str | None = None) -> torch.Tensor:
+    """The first ``num`` Fashion-MNIST test images as (num, 3, size, size) normalised tensors."""
+    dataset = FashionMNISTImages(prepare_root(data_path, cache_dir), train=False, img_size=size)
+    return torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE / MixMIM reconstructions", add_help=False)
+    parser.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours or official, with decoder)")
+    parser.add_argument("--model", default=None, help="pretraining model name (default: from the checkpoint)")
+    parser.add_argument("--input_size", default=None, type=int, help="default: from the checkpoint or the model")
+    parser.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
+                        help="whether the model predicts normalised patches (default: from the checkpoint, else the "
+                             "model's default: off for MAE, on for MixMIM)")
+    parser.add_argument("--images", nargs="*", default=None,
+                        help="image files (default: Fashion-MNIST test images)")
+    parser.add_argument("--num_images", default=4, type=int, help="Fashion-MNIST images to show without --images")
+    parser.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="folder with the Fashion-MNIST files")
+    parser.add_argument("--mask_ratio", default=None, type=float, help="default: 0.75 (MAE), 0.5 (MixMIM)")
+    parser.add_argument("--seed", default=2, type=int, help="seed for the masks (the notebook's: 2)")
+    parser.add_argument("--scale", default=None, type=int, help="upscaling of the panels (default: to ~128 px)")
+    parser.add_argument("--output_dir", default="./output_dir/visualize")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss)
+    size = model_input_size(model)
+    if args.images:
+        imgs = load_images(args.images, size)
+    else:
+        imgs = fashion_mnist_images(args.data_path, args.num_images, size)
+    device = torch.device(args.device)
+    model.to(device)
+    return save_reconstructions(model, imgs.to(device), args.output_dir, args.mask_ratio, args.seed, args.scale)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    cli_args = argparse.ArgumentParser("MAE / MixMIM reconstructions", parents=[get_args_parser()]).parse_args()
+    try:
+        main(cli_args)
+    except (UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
