@@ -33,7 +33,7 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_pretrain_model, resolve_pretrain_name
+from util.models import build_pretrain_model, family_of, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     args.model_name = resolve_pretrain_name(args.model)
+    if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
+        raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:

@@ -104,9 +104,9 @@ def resolve_classifier_name(name: str) -> str:
 
 def _input_stride(model: nn.Module) -> int:
     """The factor the input side must be a multiple of: the patch size, times the downsampling of MixMIM."""
-    stride = getattr(model, "input_stride", None)
+    stride = getattr(model, "encoder_stride", None)  # MixMIM: patch size * 2 ** (stages - 1)
     if stride is not None:
-        return int(stride() if callable(stride) else stride)
+        return int(stride)
     patch = model.patch_embed.patch_size
     return int(patch[0] if isinstance(patch, tuple | list) else patch)
 

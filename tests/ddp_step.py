@@ -1,0 +1,92 @@
+"""One training update under ``torchrun --nproc_per_node=2`` (gloo, CPU), for tests/test_distributed.py.
+
+    torchrun --nproc_per_node=2 tests/ddp_step.py {mae|mixmim} OUT_DIR
+
+Each rank takes its half of a fixed batch, runs ``engine_pretrain.train_one_epoch`` on the DDP model (MAE with
+``accum_iter=2``: two micro-batches per rank), and rank 0 saves the weights to OUT_DIR/weights.pt. A DDP comm hook
+records how many forward passes had run at each gradient all-reduce, so the test can check that accumulation
+all-reduces only on the update step (``no_sync``).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_utils import NoiseFromImages  # noqa: E402
+
+import engine_pretrain  # noqa: E402
+from util.amp import NativeScalerWithGradNormCount  # noqa: E402
+from util.dist import get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
+from util.models import build_pretrain_model  # noqa: E402
+
+MODELS = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}
+GLOBAL_BATCH = 8
+
+
+def setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, argparse.Namespace]:
+    """The same initial model and the same global batch (8, 3, 32, 32) on every process.
+
+    float64: Adam divides each gradient by its own magnitude, so on elements whose gradient is only rounding
+    noise (attention key biases) float32 rounding differences would become visible in the weights.
+    """
+    torch.manual_seed(0)
+    model = build_pretrain_model(MODELS[family], 32, norm_pix_loss=True).double()
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    args = argparse.Namespace(
+        accum_iter=2 if family == "mae" else 1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1,
+        mask_ratio=0.75 if family == "mae" else 0.5, amp="none", clip_grad=None, print_freq=10,
+    )
+    return model, images, args
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=lr, betas=(0.9, 0.95))
+
+
+def train_step(wrapped: torch.nn.Module, inner: torch.nn.Module, images: torch.Tensor, args) -> None:
+    """One epoch of ``accum_iter`` micro-batches (one update) over ``images``."""
+    micro = images.chunk(args.accum_iter)
+    args.batch_size = micro[0].shape[0]
+    loader = [(m, torch.zeros(len(m), dtype=torch.long)) for m in micro]
+    optimizer = make_optimizer(inner, args.lr)
+    scaler = NativeScalerWithGradNormCount("cpu", enabled=False)
+    engine_pretrain.train_one_epoch(wrapped, loader, optimizer, torch.device("cpu"), 0, scaler, args=args)
+
+
+def main() -> None:
+    family, out = sys.argv[1], Path(sys.argv[2])
+    dist_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False)
+    init_distributed_mode(dist_args)
+    model, images, args = setup(family)
+    rank, world = get_rank(), get_world_size()
+    local = images.chunk(world)[rank]
+
+    wrapped = NoiseFromImages(model)
+    forwards = [0]
+    wrapped.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    ddp = wrap_ddp(wrapped, dist_args)
+    at_allreduce: list[int] = []
+
+    def counting_allreduce(state, bucket):
+        at_allreduce.append(forwards[0])
+        tensor = bucket.buffer().div_(world)
+        fut = torch.distributed.all_reduce(tensor, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    train_step(ddp, model, local, args)
+    if rank == 0:
+        torch.save(model.state_dict(), out / "weights.pt")
+        (out / "allreduce.json").write_text(json.dumps(at_allreduce))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
