@@ -514,7 +514,7 @@ class MixMIM(MixMIMEncoder):
         x: (B, C, H, W) images. ``int(Lo * ratio)`` of the Lo output-grid cells are masked, with ratio = mask_ratio
         + U(0, range_mask_ratio). Draw order as the official code, so the same seeds give the same mask: first
         Python's ``random.uniform`` (always drawn, even when range_mask_ratio is 0), then ``torch.rand(1, 1, Lo)``
-        unless ``noise`` (Lo values; the smallest are kept) is given. Seed both ``random`` and ``torch``.
+        unless ``noise`` (Lo values; the smallest are masked) is given. Seed both ``random`` and ``torch``.
 
         Returns one (1, L_s, 1) float mask per stage, 1 = token taken from the partner image; the last one is the
         (1, Lo, 1) mask on the output grid. Each is the output-grid mask upsampled by nearest neighbour.
@@ -527,7 +527,8 @@ class MixMIM(MixMIMEncoder):
             noise = torch.rand(1, 1, Lo, device=x.device)  # noise in [0, 1)
         elif noise.numel() != Lo:
             raise ValueError(f"noise must have {Lo} elements, got shape {tuple(noise.shape)}")
-        mask_idx = torch.argsort(noise.reshape(1, 1, Lo), dim=2)[:, :, : int(Lo * mask_ratio)]  # small is keep
+        # the cells with the smallest noise are masked (the official comment says "small is keep", the code masks)
+        mask_idx = torch.argsort(noise.reshape(1, 1, Lo), dim=2)[:, :, : int(Lo * mask_ratio)]
         mask = torch.zeros(1, 1, Lo, device=x.device).scatter_(2, mask_idx, 1.0)
         mask = mask.reshape(1, 1, out_h, out_w)
         masks = []

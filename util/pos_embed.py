@@ -74,3 +74,54 @@ def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict) -> Non
     )
     pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)  # (1, G*G, D)
     checkpoint_model["pos_embed"] = torch.cat((extra_tokens, pos_tokens), dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MixMIM: absolute and decoder position embeddings (no extra tokens) and relative-position bias tables
+
+
+def _resize_grid_embed(embed: torch.Tensor, new_size: int) -> torch.Tensor:
+    """(1, G0*G0, D) -> (1, G*G, D), bicubic."""
+    orig_size = int(embed.shape[-2] ** 0.5)
+    grid = embed.reshape(-1, orig_size, orig_size, embed.shape[-1]).permute(0, 3, 1, 2)  # (1, D, G0, G0)
+    grid = F.interpolate(grid.float(), size=(new_size, new_size), mode="bicubic", align_corners=False)
+    return grid.to(embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)  # (1, G*G, D)
+
+
+def interpolate_pos_embed_mixmim(model: torch.nn.Module, checkpoint_model: dict) -> None:
+    """Fit a MixMIM checkpoint (in place) to ``model``'s input size and window sizes, as the official code.
+
+    - ``absolute_pos_embed`` (and ``decoder_pos_embed`` when the model has one) are resized bicubically to the
+      model's grid;
+    - every ``relative_position_bias_table``, ((2*ws0-1)**2, nH), is resized bicubically as an nH-channel image to
+      the model's window (e.g. 224 -> 384 fine-tuning: windows [14, 14, 14, 7] -> [16, 16, 24, 12]); a table with
+      another number of heads is left for the load to report;
+    - ``relative_position_index`` and ``attn_mask`` buffers are dropped: the model rebuilds its own.
+    """
+    own = model.state_dict()
+    for key in ("absolute_pos_embed", "decoder_pos_embed"):
+        if key not in checkpoint_model or key not in own:
+            continue
+        orig_size = int(checkpoint_model[key].shape[-2] ** 0.5)
+        new_size = int(own[key].shape[-2] ** 0.5)
+        if orig_size != new_size:
+            logger.info("%s: interpolate from %dx%d to %dx%d", key, orig_size, orig_size, new_size, new_size)
+            checkpoint_model[key] = _resize_grid_embed(checkpoint_model[key], new_size)
+
+    for key in [k for k in checkpoint_model if "relative_position_bias_table" in k]:
+        if key not in own:
+            logger.info("%s is not in the model", key)
+            continue
+        table = checkpoint_model[key]  # (S0*S0, nH)
+        (L1, nH1), (L2, nH2) = table.shape, own[key].shape
+        if nH1 != nH2:
+            logger.warning("%s has %d heads, the model %d: not interpolated", key, nH1, nH2)
+        elif L1 != L2:
+            S1, S2 = int(L1**0.5), int(L2**0.5)
+            logger.info("%s: interpolate from %dx%d to %dx%d", key, S1, S1, S2, S2)
+            img = table.permute(1, 0).reshape(1, nH1, S1, S1).float()  # (1, nH, S0, S0)
+            img = F.interpolate(img, size=(S2, S2), mode="bicubic", align_corners=False)
+            checkpoint_model[key] = img.reshape(nH2, L2).permute(1, 0).to(table.dtype)  # (S*S, nH)
+
+    for key in [k for k in checkpoint_model if "relative_position_index" in k or "attn_mask" in k]:
+        del checkpoint_model[key]
