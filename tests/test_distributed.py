@@ -1,16 +1,12 @@
 """DDP on CPU with gloo: one update on two processes equals one process averaging their gradients."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ddp_step import setup, train_step  # noqa: E402
-from train_utils import NoiseFromImages, PerChunk, run_torchrun  # noqa: E402
+from ddp_step import setup, train_step
+from train_utils import NoiseFromImages, PerChunk, run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 

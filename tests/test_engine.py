@@ -1,0 +1,151 @@
+"""Engines: gradient accumulation, the non-finite-loss stop, loss scaling, grad norm, top-1/top-5 evaluation."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+from train_utils import NoiseFromImages
+
+import engine_finetune
+import engine_pretrain
+from util.amp import NativeScalerWithGradNormCount, grad_norm
+from util.errors import NonFiniteLossError
+from util.models import build_classifier, build_pretrain_model
+
+CPU = torch.device("cpu")
+
+
+def engine_args(**kw) -> argparse.Namespace:
+    base = dict(
+        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, amp="none", clip_grad=None,
+        print_freq=10, batch_size=4,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list:
+    return list(zip(x.chunk(chunks), y.chunk(chunks), strict=True))
+
+
+def pretrain_once(accum_iter: int) -> dict:
+    torch.manual_seed(0)
+    # float64, so that Adam's per-element normalisation does not turn rounding noise into weight differences
+    model = build_pretrain_model("mae_vit_tiny_patch4", 32).double()
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    args = engine_args(accum_iter=accum_iter, batch_size=8 // accum_iter)
+    scaler = NativeScalerWithGradNormCount(CPU, enabled=False)
+    stats = engine_pretrain.train_one_epoch(
+        NoiseFromImages(model), loader(x, torch.zeros(8), accum_iter), opt, CPU, 0, scaler, args=args
+    )
+    assert stats["grad_norm"] > 0
+    return model.state_dict()
+
+
+def test_pretrain_accumulation_equals_full_batch() -> None:
+    full, accum = pretrain_once(1), pretrain_once(2)
+    for k in full:
+        torch.testing.assert_close(accum[k], full[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def finetune_once(accum_iter: int, steps: int = 1) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny_patch4", 32, num_classes=5, drop_path_rate=0.0, global_pool=True).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8 * steps, 3, 32, 32, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (8 * steps,), generator=g)
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-3)
+    args = engine_args(accum_iter=accum_iter, batch_size=8 // accum_iter, epochs=2)
+    scaler = NativeScalerWithGradNormCount(CPU, enabled=False)
+    engine_finetune.train_one_epoch(
+        model, nn.CrossEntropyLoss(), loader(x, y, steps * accum_iter), opt, CPU, 0, scaler, args=args
+    )
+    return model.state_dict(), opt.state_dict()
+
+
+def test_finetune_accumulation_equals_full_batch() -> None:
+    # two updates, so the lr schedule (set on the first micro-batch of each update) is covered too
+    (full, full_opt), (accum, accum_opt) = finetune_once(1, steps=2), finetune_once(2, steps=2)
+    for k in full:
+        torch.testing.assert_close(accum[k], full[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert [g["lr"] for g in accum_opt["param_groups"]] == [g["lr"] for g in full_opt["param_groups"]]
+    assert accum_opt["state"][0]["step"] == full_opt["state"][0]["step"] == 2
+
+
+class NanAfter(nn.Module):
+    """A pretraining 'model' whose loss turns NaN at the third call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
+        self.calls += 1
+        loss = (self.w * x.mean()).sum() ** 2
+        return (loss * float("nan") if self.calls == 3 else loss), None, None
+
+
+def test_non_finite_loss_stops_with_step_and_hint() -> None:
+    model = NanAfter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 3, 4, 4)
+    args = engine_args(amp="fp16", batch_size=4)
+    with pytest.raises(NonFiniteLossError) as e:
+        engine_pretrain.train_one_epoch(
+            model, loader(x, torch.zeros(16), 4), opt, CPU, 3, NativeScalerWithGradNormCount(CPU, False), args=args
+        )
+    msg = str(e.value)
+    assert "nan" in msg and "epoch 3, step 2/4" in msg and "global step 14" in msg
+    assert "amp fp16" in msg and "--amp bf16" in msg and "lr" in msg
+
+
+def test_fp16_loss_scaler_gives_the_same_step_and_keeps_state() -> None:
+    """With a power-of-two scale, scaling then unscaling is exact: the update equals the unscaled one."""
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = NativeScalerWithGradNormCount(CPU, enabled=enabled)
+        loss = model(torch.randn(4, 6)).pow(2).mean()
+        norm = scaler(loss, opt, parameters=model.parameters())
+        results.append((model.weight.detach().clone(), norm, scaler.state_dict()))
+    (w0, n0, s0), (w1, n1, s1) = results
+    torch.testing.assert_close(w1, w0)
+    torch.testing.assert_close(n1, n0)
+    assert s0 == {} and s1["scale"] == 65536.0
+
+
+def test_grad_norm_and_clipping() -> None:
+    model = nn.Linear(4, 2)
+    model.weight.grad = torch.full_like(model.weight, 3.0)  # norm sqrt(8 * 9)
+    model.bias.grad = torch.full_like(model.bias, 4.0)  # norm sqrt(2 * 16)
+    assert grad_norm(model.parameters()).item() == pytest.approx((72 + 32) ** 0.5)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = NativeScalerWithGradNormCount(CPU, enabled=False)
+    loss = model(torch.zeros(1, 4)).sum() * 0.0  # adds zero gradients
+    norm = scaler(loss, opt, clip_grad=1.0, parameters=model.parameters())
+    assert norm.item() == pytest.approx((72 + 32) ** 0.5)  # the norm before clipping, as official
+    assert grad_norm(model.parameters()).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_evaluate_top1_top5() -> None:
+    """The 'images' are logits over 6 classes; the model is the identity."""
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5],  # target 0: top-1
+            [2.0, 9, 1, 3, 4, 5],  # target 2: rank 6 -> neither
+            [5.0, 4, 3, 2, 1, 0],  # target 3: rank 4 -> top-5
+            [0.0, 1, 2, 3, 4, 5],  # target 5: top-1
+            [5.0, 4, 3, 2, 1, 0],  # target 4: rank 5 -> top-5
+        ]
+    )
+    target = torch.tensor([0, 2, 3, 5, 4])
+    stats = engine_finetune.evaluate([(logits[:3], target[:3]), (logits[3:], target[3:])], nn.Identity(), CPU)
+    assert stats["acc1"] == pytest.approx(100 * 2 / 5)
+    assert stats["acc5"] == pytest.approx(100 * 4 / 5)
+    assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
