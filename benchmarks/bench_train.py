@@ -1,0 +1,296 @@
+"""Training-step throughput: images/s, peak memory, model FLOPs and MFU of a full step on synthetic data.
+
+A step is what the training scripts do per batch: forward under autocast, backward (through the loss scaler for
+fp16), gradient norm, AdamW step (fused on CUDA), ``zero_grad``. Images (and labels for the classifiers) are random
+tensors already on the device, so the data loader is out of the picture (``bench_data.py`` measures that). The only
+host synchronisations are the two around each timed window.
+
+Model FLOPs are counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward and
+backward (matrix products, convolutions and attention; attention is counted through the math SDPA kernel, so the
+count is the same on every device). MFU = FLOPs per image x images/s / ``--peak-tflops``; pass the dense peak of your
+device for the precision you run (H100 SXM: 989 TFLOP/s bf16/fp16 dense, 495 tf32).
+
+Pretraining models (``mae_vit_*``, ``mixmim_*``) are stepped on their own loss at their default mask ratio (MAE
+0.75, MixMIM 0.5); classifiers (``vit_*``, ``mixmim_*_ft``) on cross-entropy against random labels, with
+``--drop-path`` (0.1 as in the official fine-tuning recipes).
+
+Examples:
+    # H100, the issue's table
+    python benchmarks/bench_train.py --models mae_vit_base_patch16 mae_vit_large_patch16 vit_base_patch16 \\
+        mixmim_base --batch-size 128 --amp bf16 --compile both --peak-tflops 989 --json bench_h100.json
+    # CPU, 2 threads
+    python benchmarks/bench_train.py --device cpu --threads 2 --models mae_vit_base_patch16 --batch-size 4 \\
+        --amp none --warmup 2 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models_mae  # noqa: E402,F401  (registers the models with timm)
+import models_mixmim  # noqa: E402,F401
+import models_vit  # noqa: E402,F401
+from util.amp import NativeScalerWithGradNormCount, autocast  # noqa: E402
+
+logger = logging.getLogger("bench_train")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["mae_vit_base_patch16"], help="timm names of our models")
+    p.add_argument("--batch-size", nargs="+", type=int, default=[64], help="per-device batch sizes to try")
+    p.add_argument("--amp", nargs="+", default=["bf16"], choices=["bf16", "fp16", "none"])
+    p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the model")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=int, default=30, help="steps per timed window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the model's (MAE 0.75, MixMIM 0.5)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="classifiers' stochastic depth")
+    p.add_argument("--no-fused", action="store_true", help="AdamW without fused=True on CUDA")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, e.g. 989 (H100 SXM bf16)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def is_pretrain_model(model: nn.Module) -> bool:
+    """Pretraining models return (loss, pred, mask); classifiers return logits."""
+    return hasattr(model, "forward_decoder")
+
+
+def build_model(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    kwargs = {}
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    model = timm.create_model(name, **kwargs)
+    if not is_pretrain_model(model):
+        model = timm.create_model(name, num_classes=1000, drop_path_rate=args.drop_path, **kwargs)
+    return model.to(device).train()
+
+
+def input_size(model: nn.Module) -> int:
+    size = getattr(model, "img_size", None) or model.patch_embed.img_size
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def make_optimizer(model: nn.Module, device: torch.device, fused: bool) -> torch.optim.Optimizer:
+    """AdamW as in the training scripts: no weight decay on 1-D parameters, fused kernels on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}]
+    use_fused = True if (fused and device.type == "cuda") else None
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    amp: str,
+    device: torch.device,
+    mask_ratio: float | None,
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step; returns nothing, so nothing forces a host synchronisation."""
+    pretrain = is_pretrain_model(model)
+    scaler = NativeScalerWithGradNormCount(device, enabled=amp == "fp16")
+    params = [p for p in model.parameters() if p.requires_grad]
+    fwd_kwargs = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        with autocast(device, amp):
+            if pretrain:
+                loss = model(images, **fwd_kwargs)[0]
+            else:
+                loss = F.cross_entropy(model(images), targets)
+        scaler(loss, optimizer, parameters=params)  # backward, unscale, grad norm, optimizer step
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def count_flops_per_image(model: nn.Module, size: int, device: torch.device, mask_ratio: float | None) -> float:
+    """FLOPs of one forward + backward per image (eager, fp32, math attention so every device counts alike)."""
+    batch = 4  # the count is linear in the batch size; MixMIM needs pairs
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.randint(0, 1000, (batch,), device=device)
+    fwd_kwargs = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        if is_pretrain_model(model):
+            loss = model(images, **fwd_kwargs)[0]
+        else:
+            loss = F.cross_entropy(model(images), targets)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def bench_one(
+    name: str, batch: int, amp: str, compiled: bool, args: argparse.Namespace, device: torch.device, flops: dict
+) -> dict:
+    """Build, warm up and time one configuration; returns its row."""
+    torch.manual_seed(args.seed)
+    reset_memory(device)
+    model = build_model(name, args, device)
+    size = input_size(model)
+    if name not in flops:
+        flops[name] = count_flops_per_image(model, size, device, args.mask_ratio)
+    optimizer = make_optimizer(model, device, fused=not args.no_fused)
+    runner = torch.compile(model, mode=args.compile_mode) if compiled else model
+    step = make_step(runner, optimizer, amp, device, args.mask_ratio)
+
+    # images around the ImageNet-normalised range; never zeros, which can run faster than real data
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.randint(0, 1000, (batch,), device=device)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(images, targets)
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+
+    rates = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(images, targets)
+        synchronize(device)
+        rates.append(batch * args.steps / (time.perf_counter() - t0))
+
+    ips = statistics.median(rates)
+    row = {
+        "model": name,
+        "kind": "pretrain" if is_pretrain_model(model) else "finetune",
+        "batch": batch,
+        "amp": amp,
+        "compile": compiled,
+        "input_size": size,
+        "images_per_s": ips,
+        "images_per_s_all": rates,
+        "step_ms": 1000 * batch / ips,
+        "warmup_s": warmup_s,
+        "peak_mem_gib": peak_memory_gib(device),
+        "gflops_per_image": flops[name] / 1e9,
+        "tflops": flops[name] * ips / 1e12,
+        "mfu": flops[name] * ips / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+    del step, runner, optimizer, model, images, targets
+    if compiled:
+        torch._dynamo.reset()
+    reset_memory(device)
+    return row
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        f"{'model':<28} {'kind':<8} {'batch':>5} {'amp':>4} {'compile':>7} {'img/s':>9} {'ms/step':>8} "
+        f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['model']:<28} {r['batch']:>14} {r['amp']:>4} {r['compile']!s:>7}  ERROR {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   -  "
+        mem = f"{r['peak_mem_gib']:7.2f}" if r["peak_mem_gib"] is not None else "      -"
+        lines.append(
+            f"{r['model']:<28} {r['kind']:<8} {r['batch']:>5} {r['amp']:>4} {r['compile']!s:>7} "
+            f"{r['images_per_s']:9.1f} {r['step_ms']:8.1f} {r['gflops_per_image']:9.2f} {r['tflops']:8.1f} "
+            f"{mfu:>6} {mem}"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (--amp none) on tensor cores, as training
+        torch.backends.cudnn.allow_tf32 = True
+    compile_opts = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+
+    info = device_info(device)
+    logger.info("%s", info)
+    flops: dict[str, float] = {}
+    rows = []
+    for name, batch, amp, compiled in itertools.product(args.models, args.batch_size, args.amp, compile_opts):
+        try:
+            row = bench_one(name, batch, amp, compiled, args, device, flops)
+            msg = f"{row['images_per_s']:.1f} img/s (warmup {row['warmup_s']:.1f} s)"
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory: report and go on
+            row = {"model": name, "batch": batch, "amp": amp, "compile": compiled, "error": str(e)[:200]}
+            msg = row["error"]
+            reset_memory(device)
+        logger.info("%s batch %d %s compile=%s: %s", name, batch, amp, compiled, msg)
+        rows.append(row)
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
+    print(format_table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
+        raise SystemExit("--peak-tflops must be a positive number")
+    main(args)
