@@ -41,8 +41,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"checkpoint {path} holds Python objects that are not plain data ({first})") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UsageError(f"checkpoint {path} is unreadable or truncated: {e}") from e
+    except Exception as e:  # a torn or foreign file fails in many ways inside the unpickler / zip reader
+        raise UsageError(f"checkpoint {path} is unreadable or truncated: {type(e).__name__}: {e}") from e
     if not isinstance(checkpoint, dict):
         raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint

@@ -89,7 +89,7 @@ def resolve_pretrain_name(name: str) -> str:
 def resolve_classifier_name(name: str) -> str:
     """The classifier for ``--model`` in main_finetune.py / main_linprobe.py."""
     known = classifier_model_names()
-    if models_mixmim is not None and name in _names(models_mixmim):
+    if models_mixmim is not None:  # the official MixMIM names (mixmim_base, mixmim_base_384, ...)
         mapped = _mixmim_finetune_name(name)
         if mapped in known:
             return mapped
