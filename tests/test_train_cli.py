@@ -1,0 +1,93 @@
+"""Model-name mapping across scripts, and one-line errors for bad input (no traceback, exit status 1)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_utils import make_image_folder, parse, tiny_run_args
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+from util.errors import UsageError
+from util.models import family_of, resolve_classifier_name, resolve_pretrain_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "name, pretrain, classifier, family",
+    [
+        ("mae_vit_base_patch16", "mae_vit_base_patch16", "vit_base_patch16", "mae"),
+        ("mae_vit_large_patch16_dec512d8b", "mae_vit_large_patch16_dec512d8b", "vit_large_patch16", "mae"),
+        ("vit_huge_patch14", "mae_vit_huge_patch14", "vit_huge_patch14", "mae"),
+        ("mixmim_base", "mixmim_base", "mixmim_base_ft", "mixmim"),
+        ("mixmim_large_ft", "mixmim_large", "mixmim_large_ft", "mixmim"),
+    ],
+)
+def test_every_script_takes_both_families(name: str, pretrain: str, classifier: str, family: str) -> None:
+    assert resolve_pretrain_name(name) == pretrain
+    assert resolve_classifier_name(name) == classifier
+    assert family_of(resolve_classifier_name(name)) == family
+    assert resolve_classifier_name("mixmim_base_384") == "mixmim_base_384_ft"
+
+
+def test_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(UsageError, match="unknown pretraining --model 'mae_vit_giant'.*mae_vit_base_patch16"):
+        resolve_pretrain_name("mae_vit_giant")
+
+
+def run(script: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, "--device", "cpu", "--num_workers", "0", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        (
+            "main_pretrain.py",
+            ["--model", "mae_vit_tiny_patch4", "--input_size", "30"],
+            "--input_size 30 is not a multiple of 4",
+        ),
+        ("main_finetune.py", ["--model", "vit_tiny_patch4", "--data_path", "EMPTY"], "holds no images"),
+    ],
+)
+def test_bad_input_fails_with_one_line(tmp_path: Path, script: str, argv: list[str], message: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=1, val_per_class=1)
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    if "--data_path" not in argv:
+        argv += ["--data_path", str(data)]
+    proc = run(script, *argv, "--output_dir", str(tmp_path / "out"), "--batch_size", "2")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script, overrides, message",
+    [
+        (main_pretrain, dict(model="mae_vit_tiny_patch4", mask_ratio=1.0), r"--mask_ratio must be in \(0, 1\)"),
+        (main_pretrain, dict(model="mixmim_tiny", batch_size=1), "--batch_size must be at least 2"),
+        (main_pretrain, dict(model="mae_vit_tiny_patch4", accum_iter=0), "--accum_iter must be at least 1"),
+        (main_linprobe, dict(model="nope"), "unknown classifier --model 'nope'"),
+        (main_finetune, dict(model="vit_tiny_patch4", nb_classes=1), "has 2 classes but --nb_classes is 1"),
+        (main_finetune, dict(model="vit_tiny_patch4", resume="missing.pth"), "--resume missing.pth does not exist"),
+        (main_finetune, dict(model="vit_tiny_patch4", data_path="/nonexistent"), "/nonexistent does not exist"),
+    ],
+)
+def test_bad_arguments_raise_usage_errors(tmp_path: Path, script, overrides: dict, message: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=1, val_per_class=1)
+    kw = {**tiny_run_args(data, tmp_path / "out"), **overrides}
+    with pytest.raises(UsageError, match=message):
+        script.main(parse(script.get_args_parser(), **kw))
