@@ -1,0 +1,128 @@
+"""visualize.py: reconstruction panels for both families, from our and the official checkpoint formats."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import models_mae
+import models_mixmim
+import visualize
+
+
+def _write_images(folder, n: int, size: int = 40) -> list[str]:
+    """Random RGB images on disk (any size: visualize.py resizes them to the model's input size)."""
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+        path = folder / f"img{i}.png"
+        Image.fromarray(pixels.numpy(), mode="RGB").save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _run(tmp_path, checkpoint: dict, images: list[str], *flags: str) -> list:
+    path = tmp_path / "ckpt.pth"
+    torch.save(checkpoint, path)
+    parser = visualize.get_args_parser()
+    args = parser.parse_args(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--images", *images,
+                              *flags])
+    return visualize.main(args)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_mae_panels(tmp_path, official):
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4(norm_pix_loss=True)
+    if official:  # mae_visualize_vit_*.pth: only the weights, the model is named on the command line
+        checkpoint, flags = {"model": model.state_dict()}, ["--model", "mae_vit_tiny_patch4"]
+    else:  # ours: the checkpoint names the model and records norm_pix_loss and the input size
+        checkpoint = {"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4",
+                      "args": {"input_size": 32, "norm_pix_loss": True}}
+        flags = []
+    images = _write_images(tmp_path, 3)
+    paths = _run(tmp_path, checkpoint, images, *flags)
+    assert [p.name for p in paths] == [f"reconstruction_{i}.png" for i in range(3)]
+    scale = visualize.default_scale(32)
+    assert scale == 4
+    for p in paths:
+        assert Image.open(p).size == visualize.panel_size(32, 32, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
+    grid = Image.open(tmp_path / "out" / "reconstructions.png")
+    assert grid.size == (visualize.panel_size(32, 32, scale)[0], 3 * visualize.panel_size(32, 32, scale)[1])
+    # the first tile is the input image, as loaded (resized to 32x32) and upscaled
+    tile = Image.open(paths[0]).crop((visualize.GAP, visualize.TITLE_HEIGHT + visualize.GAP,
+                                      visualize.GAP + 128, visualize.TITLE_HEIGHT + visualize.GAP + 128))
+    expected = visualize.to_pil(visualize.load_images(images[:1], 32)[0], scale)
+    assert tile.tobytes() == expected.tobytes()
+
+
+def test_mae_reconstruct_invariants():
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4()
+    imgs = torch.randn(2, 3, 32, 32)
+    out = visualize.reconstruct(model, imgs)
+    mask = out["mask"]  # (2, 1, 32, 32), 1 = hidden
+    assert mask.shape == (2, 1, 32, 32)
+    assert mask.mean(dim=(1, 2, 3)).tolist() == [0.75, 0.75]  # 48 of the 64 patches hidden, per image
+    visible = mask == 0
+    assert torch.equal(out["masked"][visible.expand_as(imgs)], imgs[visible.expand_as(imgs)])
+    assert (out["masked"][(~visible).expand_as(imgs)] == 0).all()
+    assert torch.equal(out["pasted"][visible.expand_as(imgs)], imgs[visible.expand_as(imgs)])
+    hidden = (~visible).expand_as(imgs)
+    assert torch.equal(out["pasted"][hidden], out["reconstruction"][hidden])
+
+
+def test_norm_pix_loss_predictions_are_shown_in_pixel_space():
+    """A model that predicts the normalised target exactly is shown reconstructing the image exactly."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4(norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    target = model.patchify(imgs)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    torch.testing.assert_close(visualize._denorm_patches(model, imgs, normed), target, atol=1e-4, rtol=0)
+
+
+def test_mixmim_panels(tmp_path):
+    torch.manual_seed(0)
+    model = models_mixmim.mixmim_tiny()  # 64x64, norm_pix_loss on (official default)
+    images = _write_images(tmp_path, 4)
+    paths = _run(tmp_path, {"model": model.state_dict()}, images, "--model", "mixmim_tiny")
+    assert len(paths) == 4
+    scale = visualize.default_scale(64)
+    assert scale == 2
+    for p in paths:
+        assert Image.open(p).size == visualize.panel_size(64, 64, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
+
+
+def test_mixmim_reconstruct_invariants():
+    torch.manual_seed(0)
+    random.seed(0)
+    model = models_mixmim.mixmim_tiny()
+    imgs = torch.randn(4, 3, 64, 64)
+    out = visualize.reconstruct(model, imgs)
+    mask = out["mask"]  # (4, 1, 64, 64): one mask for the batch, on 16x16 cells
+    assert torch.equal(mask, mask[:1].expand_as(mask))
+    assert mask.mean().item() == 0.5
+    hidden = mask.expand_as(imgs).bool()
+    # the mixed input: own pixels where visible, the partner's (batch reversed) where hidden
+    assert torch.equal(out["masked"][~hidden], imgs[~hidden])
+    assert torch.equal(out["masked"][hidden], imgs.flip(0)[hidden])
+    assert torch.equal(out["pasted"][~hidden], imgs[~hidden])
+    assert torch.equal(out["pasted"][hidden], out["reconstruction"][hidden])
+    with pytest.raises(ValueError, match="at least 2"):
+        visualize.reconstruct(model, imgs[:1])
+
+
+def test_same_seed_same_picture(tmp_path):
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4()
+    imgs = torch.randn(2, 3, 32, 32)
+    a = visualize.save_reconstructions(model, imgs, tmp_path / "a", seed=3)
+    state = torch.random.get_rng_state()
+    b = visualize.save_reconstructions(model, imgs, tmp_path / "b", seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left as it was
+    c = visualize.save_reconstructions(model, imgs, tmp_path / "c", seed=4)
+    assert Image.open(a[0]).tobytes() == Image.open(b[0]).tobytes()
+    assert Image.open(a[0]).tobytes() != Image.open(c[0]).tobytes()
