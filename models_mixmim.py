@@ -161,11 +161,15 @@ class WindowAttention(nn.Module):
 
         if self.use_sdpa(x):
             q, k, v = (t.reshape(-1, M * nH, N, D // nH) for t in (q, k, v))  # (B*nW/M, M*nH, N, hd)
+            attn_mask = attn_mask.to(q.dtype)
+            if attn_mask.is_cuda and N % 16:
+                # rows 16-aligned in memory, else the memory-efficient kernel pads a batch-sized copy of the mask
+                attn_mask = F.pad(attn_mask, (0, -N % 16))[..., :N]
             x = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=attn_mask.to(q.dtype),
+                attn_mask=attn_mask,
                 dropout_p=self.attn_drop.p if self.training else 0.0,
                 scale=self.scale,
             )
