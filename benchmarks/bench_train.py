@@ -191,6 +191,7 @@ def bench_one(
     warmup_s = time.perf_counter() - t0
 
     rates = []
+    cpu0 = time.process_time()  # CPU seconds of this process: a steadier measure than wall time on a busy host
     for _ in range(args.repeats):
         synchronize(device)
         t0 = time.perf_counter()
@@ -198,6 +199,7 @@ def bench_one(
             step(images, targets)
         synchronize(device)
         rates.append(batch * args.steps / (time.perf_counter() - t0))
+    cpu_s_per_step = (time.process_time() - cpu0) / (args.repeats * args.steps)
 
     ips = statistics.median(rates)
     row = {
@@ -210,6 +212,7 @@ def bench_one(
         "images_per_s": ips,
         "images_per_s_all": rates,
         "step_ms": 1000 * batch / ips,
+        "cpu_s_per_step": cpu_s_per_step,
         "warmup_s": warmup_s,
         "peak_mem_gib": peak_memory_gib(device),
         "gflops_per_image": flops[name] / 1e9,
