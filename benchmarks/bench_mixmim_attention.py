@@ -46,6 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="timed steps per contender and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each times every contender in turn")
     p.add_argument("--paths", nargs="+", choices=["plain", "sdpa"], default=["plain", "sdpa"])
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared machine with --threads 1)",
+    )
     p.add_argument("--official-path", default=None, help="folder with a models_mixmim.py wrapping the official code")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--official-worker", action="store_true", help=argparse.SUPPRESS)
@@ -61,6 +67,7 @@ class Stepper:
         self.opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
         self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=self.device)
         self.dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.clock = time.process_time if args.clock == "cpu" else time.perf_counter
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -78,10 +85,10 @@ class Stepper:
     def run(self, n: int) -> list[float]:
         times = []
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0 = self.clock()
             self.step()
             self.sync()
-            times.append(time.perf_counter() - t0)
+            times.append(self.clock() - t0)
         return times
 
     def peak_mem_gib(self) -> float | None:
@@ -98,7 +105,7 @@ class OfficialStepper:
 
     def __init__(self, args: argparse.Namespace):
         cmd = [sys.executable, os.path.abspath(__file__), "--official-worker"]
-        for k in ("model", "img_size", "batch_size", "threads", "device", "amp", "warmup", "steps", "official_path"):
+        for k in ("model", "img_size", "batch_size", "threads", "device", "amp", "warmup", "clock", "official_path"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=args.official_path
