@@ -4,7 +4,9 @@ Decoding a JPEG and augmenting it runs on the CPU; a GPU that steps at G images/
 r is the per-worker rate measured here (bench_train.py gives G). The images are JPEGs that the script writes
 (ImageNet-like: 500x375 and 375x500, quality 90, textured so they compress like photos) or the ImageFolder the user
 points to with ``--data-path``. Each configuration runs a DataLoader with the training scripts' settings (batch,
-pinned memory when a GPU is present) and times whole batches after a warmup, once the workers have started.
+pinned memory when a GPU is present) and times whole batches after a warmup, once the workers have started. It
+also reports the CPU time per image (the workers' user + system time over the images they made), which stays
+meaningful on a busy machine: 1000 / (CPU ms per image) is what one free core delivers.
 
 Examples:
     python benchmarks/bench_data.py --workers 1 2                       # generated JPEGs
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -44,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--transforms", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune", "eval"]
     )
-    p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="DataLoader num_workers to try")
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="DataLoader num_workers (0: in-process)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=10, help="timed batches per configuration")
@@ -63,6 +66,11 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
         img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
         arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (h, w, 3), dtype=np.int16)
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(root, "0", f"{i:05d}.jpg"), quality=90)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_transform(name: str, input_size: int):
@@ -88,6 +96,7 @@ def bench_loader(root: str, transform_name: str, workers: int, args: argparse.Na
         drop_last=True,
         persistent_workers=False,
     )
+    children0, self0 = _children_cpu_s(), time.process_time()
     it = iter(loader)
     for _ in range(args.warmup_batches):
         next(it)
@@ -95,13 +104,16 @@ def bench_loader(root: str, transform_name: str, workers: int, args: argparse.Na
     for _ in range(args.batches):
         images, _ = next(it)
     elapsed = time.perf_counter() - t0
-    del it
+    del it  # shuts the workers down, so their CPU time is counted in RUSAGE_CHILDREN
+    # CPU time per image of the decoding and augmentation: steadier than images/s on a busy host
+    cpu_s = _children_cpu_s() - children0 if workers > 0 else time.process_time() - self0
     ips = args.batches * args.batch_size / elapsed
     return {
         "transform": transform_name,
         "workers": workers,
         "images_per_s": ips,
         "images_per_s_per_worker": ips / max(workers, 1),
+        "cpu_ms_per_image": 1000 * cpu_s / needed,
         "batch": args.batch_size,
         "input_size": args.input_size,
         "image_shape": list(images.shape[1:]),
@@ -124,9 +136,12 @@ def main(args: argparse.Namespace) -> list[dict]:
                 row = bench_loader(root, name, workers, args)
                 logger.info("%s, %d workers: %.1f images/s", name, workers, row["images_per_s"])
                 rows.append(row)
-    print(f"{'transform':<10} {'workers':>7} {'img/s':>9} {'img/s/worker':>13}")
+    print(f"{'transform':<10} {'workers':>7} {'img/s':>9} {'img/s/worker':>13} {'CPU ms/img':>11}")
     for r in rows:
-        print(f"{r['transform']:<10} {r['workers']:>7} {r['images_per_s']:9.1f} {r['images_per_s_per_worker']:13.1f}")
+        print(
+            f"{r['transform']:<10} {r['workers']:>7} {r['images_per_s']:9.1f} {r['images_per_s_per_worker']:13.1f} "
+            f"{r['cpu_ms_per_image']:11.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
