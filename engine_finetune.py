@@ -9,6 +9,7 @@ from timm.utils import accuracy
 from torch.utils.tensorboard import SummaryWriter
 
 import util.lr_sched as lr_sched
+from util import faults
 from util.amp import autocast
 from util.dist import all_reduce_mean, get_world_size, maybe_no_sync
 from util.misc import MetricLogger, SmoothedValue, check_finite_loss
@@ -43,6 +44,7 @@ def train_one_epoch(
     for step, (samples, targets) in enumerate(
         metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)
     ):
+        faults.kill_point("step", epoch * steps + step)  # tests only (MAE_FAULT_INJECT)
         if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         max_lr = max(group["lr"] for group in optimizer.param_groups)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import util.lr_sched as lr_sched
+from util import faults
 from util.amp import autocast
 from util.dist import all_reduce_mean, get_world_size, maybe_no_sync
 from util.misc import MetricLogger, SmoothedValue, check_finite_loss
@@ -41,6 +42,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     images_per_step = args.batch_size * get_world_size()
     for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)):
+        faults.kill_point("step", epoch * steps + step)  # tests only (MAE_FAULT_INJECT)
         if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         lr = optimizer.param_groups[0]["lr"]

@@ -20,7 +20,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import resolve_amp
 from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
-from util.datasets import build_dataset, check_num_classes, train_loader, val_loader
+from util.datasets import build_dataset, check_num_classes, skipped_images, train_loader, val_loader
 from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
 from util.misc import (
     UsageError,
@@ -34,7 +34,7 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_classifier, resolve_classifier_name
+from util.models import build_classifier, check_buildable, resolve_classifier_name
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     args.amp = resolve_amp(args.amp, device)
     validate_common_args(args)
     args.model_name = resolve_classifier_name(args.model)
+    check_buildable(args.model_name, args.input_size)
     if not args.eval:
         check_output_dir(args.output_dir)
+        check_output_dir(args.log_dir, "--log_dir")
     resolve_resume(args)
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates a randomly initialised model")
@@ -257,6 +259,9 @@ def fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, mixup
             "epoch": epoch,
             "n_parameters": n_parameters,
         }
+        if args.skip_bad_images:
+            log_stats["train_skipped_images"] = skipped_images(data_loader_train, device)
+            log_stats["test_skipped_images"] = skipped_images(data_loader_val, device, sharded=args.dist_eval)
         if args.output_dir and is_main_process():
             if log_writer is not None:
                 log_writer.flush()

@@ -22,7 +22,7 @@ from util.datasets import check_num_classes, eval_transform, image_folder, linpr
 from util.dist import get_rank, init_distributed_mode, wrap_ddp
 from util.lars import LARS
 from util.misc import add_runtime_args, check_output_dir, log_args, run_cli, seed_everything, validate_common_args
-from util.models import build_classifier, resolve_classifier_name
+from util.models import build_classifier, check_buildable, resolve_classifier_name
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     args.amp = resolve_amp(args.amp, device)
     validate_common_args(args)
     args.model_name = resolve_classifier_name(args.model)
+    check_buildable(args.model_name, args.input_size)
     if not args.eval:
         check_output_dir(args.output_dir)
+        check_output_dir(args.log_dir, "--log_dir")
     resolve_resume(args)
     log_args(args)
 

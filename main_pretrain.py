@@ -19,7 +19,7 @@ from engine_pretrain import train_one_epoch
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import resolve_amp
 from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
-from util.datasets import image_folder, pretrain_transform, train_loader
+from util.datasets import image_folder, pretrain_transform, skipped_images, train_loader
 from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
 from util.misc import (
     UsageError,
@@ -33,7 +33,7 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_pretrain_model, family_of, resolve_pretrain_name
+from util.models import build_pretrain_model, check_buildable, family_of, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ def validate_args(args: argparse.Namespace) -> None:
     args.model_name = resolve_pretrain_name(args.model)
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
         raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
+    check_buildable(args.model_name, args.input_size)
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
@@ -109,6 +110,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     args.amp = resolve_amp(args.amp, device)
     validate_args(args)
     check_output_dir(args.output_dir)
+    check_output_dir(args.log_dir, "--log_dir")
     resolve_resume(args)
     log_args(args)
 
@@ -164,6 +166,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if args.skip_bad_images:
+            log_stats["train_skipped_images"] = skipped_images(data_loader_train, device)
         if args.output_dir and is_main_process():
             if log_writer is not None:
                 log_writer.flush()

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from util import pos_embed
+from util import faults, pos_embed
 from util.dist import is_main_process
 from util.misc import UsageError, args_to_dict
 
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+_TEMP = re.compile(r"^\.checkpoint-(\d+|last)\.pth\.tmp\.\d+$")
 
 
 # ----------------------------------------------------------------------------- files
@@ -62,12 +63,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``."""
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+
+    A process killed partway through leaves ``path`` as it was and a ``.{name}.tmp.{pid}`` file behind, which
+    ``--resume`` never reads and ``remove_stale_temp_files`` deletes.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, faults.writer(f, "save", obj.get("epoch")))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -156,18 +161,41 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Delete the temporary files of checkpoint writes that a killed run left in ``output_dir`` (main process)."""
+    out = Path(output_dir)
+    if not is_main_process() or not out.is_dir():
+        return
+    for p in out.iterdir():
+        if _TEMP.match(p.name):
+            logger.info("removing %s, left by an interrupted checkpoint write", p)
+            p.unlink(missing_ok=True)
+
+
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job's workers; 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def resolve_resume(args: argparse.Namespace) -> None:
     """Turn ``--resume auto`` into a path (or '' when there is nothing to resume from).
+
+    A worker that torchrun restarted after a failure resumes as with ``--resume auto`` when no ``--resume`` is
+    given: a restart never starts the run over.
 
     A ``--resume`` path that does not exist inside ``--output_dir`` is read as the official MixMIM scripts mean
     it (``--resume ${work_path}/ckpt/checkpoint.pth`` on every launch): resume from the newest checkpoint there,
     if any. Elsewhere a missing path is an error.
     """
+    if not args.resume and restart_count() > 0 and args.output_dir and not getattr(args, "eval", False):
+        logger.info("torchrun restart %d: resuming as with --resume auto", restart_count())
+        args.resume = "auto"
     if not args.resume:
         return
     if args.resume == "auto":
         if not args.output_dir:
             raise UsageError("--resume auto needs --output_dir")
+        remove_stale_temp_files(args.output_dir)
         found = find_resume_checkpoint(args.output_dir)
         logger.info("--resume auto: %s", found or f"no checkpoint in {args.output_dir}, starting from scratch")
         args.resume = found or ""
@@ -176,6 +204,7 @@ def resolve_resume(args: argparse.Namespace) -> None:
     if path.is_file():
         return
     if args.output_dir and path.parent.resolve() == Path(args.output_dir).resolve():
+        remove_stale_temp_files(args.output_dir)
         found = find_resume_checkpoint(args.output_dir)
         logger.info("--resume %s does not exist; resuming from %s", args.resume, found or "scratch")
         args.resume = found or ""

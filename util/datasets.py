@@ -2,31 +2,154 @@
 
 ``data_path/train`` and ``data_path/val`` hold one subfolder per class. A missing or empty folder is a
 ``UsageError`` naming it.
+
+Unreadable files (corrupt, truncated, not images) do not raise inside DataLoader workers, where the error would
+reach the main process as a worker traceback: the dataset returns a ``BadImage`` marker, the collate function sets
+it aside, and the loader raises ``BadImageError`` naming the file in the main process, at the first batch that holds
+one. With ``--skip_bad_images`` the loader logs each such file once, counts them per pass, and goes on: a training
+batch gets the next readable image in its place (the batch size and the number of steps stay the same on every
+rank, which DDP needs); an evaluation batch just leaves it out.
 """
 
 import argparse
 import logging
 import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
+from PIL import UnidentifiedImageError
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.crop import RandomResizedCrop
-from util.dist import get_rank, get_world_size
+from util.dist import all_reduce_mean, get_rank, get_world_size
+from util.errors import BadImageError
 from util.misc import UsageError, seed_worker
 
 logger = logging.getLogger(__name__)
 
 
-def image_folder(root: str, transform) -> datasets.ImageFolder:
+class BadImage(NamedTuple):
+    """Stands in for the image of a file that could not be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` that returns ``(BadImage, target)`` for a file that cannot be read instead of raising."""
+
+    def __getitem__(self, index: int) -> tuple:
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except UnidentifiedImageError:  # PIL's message repeats the path inside a file object's repr
+            return BadImage(index, path, "not an image in a format PIL reads, or a corrupt header"), target
+        except Exception as e:  # OSError (truncated, unreadable), SyntaxError, DecompressionBombError, ...
+            reason = (str(e).strip().splitlines() or [""])[0]
+            return BadImage(index, path, f"{type(e).__name__}: {reason}"), target
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+class CollateSkippingBad:
+    """Collate function for a ``CheckedImageFolder``: returns ``(images, targets, bad)``, ``bad`` a list of
+    ``(path, reason)``; ``images`` is None when no image of the batch could be read.
+
+    With ``substitute``, each unreadable image is replaced by the next readable one in the dataset (searching at
+    most ``max_tries`` files), so the batch keeps its size.
+    """
+
+    def __init__(self, dataset: CheckedImageFolder, substitute: bool, max_tries: int = 64):
+        self.dataset, self.substitute, self.max_tries = dataset, substitute, max_tries
+
+    def __call__(self, items: list[tuple]) -> tuple:
+        good, bad = [], []
+        for sample, target in items:
+            tries = 0
+            while isinstance(sample, BadImage):
+                bad.append((sample.path, sample.reason))
+                tries += 1
+                if not self.substitute or tries > self.max_tries:
+                    break
+                sample, target = self.dataset[(sample.index + 1) % len(self.dataset)]
+            if not isinstance(sample, BadImage):
+                good.append((sample, target))
+        if not good:
+            return None, None, bad
+        images, targets = default_collate(good)
+        return images, targets, bad
+
+
+class CheckedLoader:
+    """Iterates a DataLoader over a ``CheckedImageFolder`` and yields ``(images, targets)``.
+
+    Unreadable files: ``BadImageError`` at the first one, or with ``skip`` a warning the first time each file is
+    met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass.
+    ``sampler``, ``dataset`` and ``len()`` are the DataLoader's.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, skip: bool, what: str):
+        self.loader, self.skip, self.what = loader, skip, what
+        self.skipped = 0
+        self._ever_skipped: set[str] = set()
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        this_pass: set[str] = set()
+        for images, targets, bad in self.loader:
+            for path, reason in bad:
+                if not self.skip:
+                    raise BadImageError(
+                        f"cannot read image {path} ({reason}); remove or replace the file, "
+                        f"or pass --skip_bad_images to skip unreadable images"
+                    )
+                if path not in self._ever_skipped:
+                    logger.warning("skipping unreadable image %s (%s)", path, reason)
+                    self._ever_skipped.add(path)
+                this_pass.add(path)
+            if images is None:  # every image of the batch unreadable (and, in training, no readable one near)
+                continue
+            yield images, targets
+        self.skipped = len(this_pass)
+        if this_pass:
+            logger.warning(
+                "%s: skipped %d unreadable images in this pass (%d distinct so far, rank %d)",
+                self.what, len(this_pass), len(self._ever_skipped), get_rank(),
+            )
+
+
+def skipped_images(loader, device: torch.device | str = "cpu", sharded: bool = True) -> int:
+    """Unreadable files skipped in the last pass over ``loader`` (call on every rank): summed over processes when
+    each has its own shard, else (every process reads the whole set) the count of one."""
+    mean = all_reduce_mean(float(getattr(loader, "skipped", 0)), device)
+    return round(mean * get_world_size() if sharded else mean)
+
+
+def image_folder(root: str, transform) -> CheckedImageFolder:
     """``ImageFolder(root)``, with a one-line error for a missing folder or one without images."""
     if not os.path.isdir(root):
         raise UsageError(f"data folder {root} does not exist (expected an ImageFolder: one subfolder per class)")
     try:
-        dataset = datasets.ImageFolder(root, transform=transform)
+        dataset = CheckedImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"data folder {root} holds no images in class subfolders: {e}") from e
     logger.info("%s: %d images, %d classes", root, len(dataset), len(dataset.classes))
@@ -102,7 +225,7 @@ def check_num_classes(dataset: datasets.ImageFolder, nb_classes: int) -> None:
         )
 
 
-def train_loader(dataset, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
+def train_loader(dataset, args: argparse.Namespace, device: torch.device):
     """Shuffled, rank-sharded loader of full batches; ``set_epoch`` on its sampler reshuffles.
 
     Every process gets ``len(dataset) // world_size // batch_size`` steps per epoch.
@@ -118,7 +241,7 @@ def train_loader(dataset, args: argparse.Namespace, device: torch.device) -> tor
     return _loader(dataset, sampler, args, device, drop_last=True)
 
 
-def val_loader(dataset, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
+def val_loader(dataset, args: argparse.Namespace, device: torch.device):
     """Evaluation loader: the whole set on every process, or a shard each with ``--dist_eval``."""
     if args.dist_eval and get_world_size() > 1:
         if len(dataset) % get_world_size() != 0:
@@ -135,8 +258,11 @@ def val_loader(dataset, args: argparse.Namespace, device: torch.device) -> torch
     return _loader(dataset, sampler, args, device, drop_last=False)
 
 
-def _loader(dataset, sampler, args, device: torch.device, drop_last: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+def _loader(dataset, sampler, args, device: torch.device, drop_last: bool):
+    """A DataLoader; for a ``CheckedImageFolder`` one wrapped in ``CheckedLoader`` (training: ``drop_last``)."""
+    checked = isinstance(dataset, CheckedImageFolder)
+    skip = bool(getattr(args, "skip_bad_images", False))
+    loader = torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
         batch_size=args.batch_size,
@@ -144,4 +270,8 @@ def _loader(dataset, sampler, args, device: torch.device, drop_last: bool) -> to
         pin_memory=args.pin_mem and device.type == "cuda",
         drop_last=drop_last,
         worker_init_fn=seed_worker,
+        collate_fn=CollateSkippingBad(dataset, substitute=skip and drop_last) if checked else None,
     )
+    if not checked:
+        return loader
+    return CheckedLoader(loader, skip, what=dataset.root)

@@ -7,3 +7,7 @@ class UsageError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops without writing a checkpoint."""
+
+
+class BadImageError(UsageError):
+    """A file in the ImageFolder that cannot be read as an image (corrupt, truncated, not an image)."""

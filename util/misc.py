@@ -206,7 +206,7 @@ def append_log_line(output_dir: str, stats: dict) -> None:
         f.flush()
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
     """Create ``output_dir`` and make sure we can write there (before any work is done)."""
     if not output_dir:
         return
@@ -216,7 +216,7 @@ def check_output_dir(output_dir: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--output_dir {output_dir} is not writable: {e.strerror or e}") from e
+        raise UsageError(f"{flag} {output_dir} is not writable: {e.strerror or e}") from e
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
@@ -234,6 +234,11 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
     )
     new.add_argument("--compile", action="store_true", help="torch.compile the model")
     new.add_argument("--print_freq", default=20, type=int, help="log a progress line every N steps")
+    new.add_argument(
+        "--skip_bad_images", action="store_true",
+        help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
+             "stopping at the first one",
+    )
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
@@ -249,8 +254,14 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
     if args.start_epoch < 0:
         raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if getattr(args, "num_workers", 0) < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "nb_classes", 1) < 1:
+        raise UsageError(f"--nb_classes must be at least 1, got {args.nb_classes}")
     if args.data_path and not os.path.isdir(args.data_path):
         raise UsageError(f"--data_path {args.data_path} does not exist")
+    if getattr(args, "finetune", "") and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist")
 
 
 def log_args(args: argparse.Namespace) -> None:

@@ -8,8 +8,10 @@ model cannot take is a ``UsageError``.
 """
 
 import logging
+import warnings
 
 import timm
+import torch
 import torch.nn as nn
 
 import models_mae
@@ -120,6 +122,14 @@ def _create(name: str, input_size: int, **kwargs) -> nn.Module:
     if input_size % stride != 0:
         raise UsageError(f"--input_size {input_size} is not a multiple of {stride}, which --model {name} needs")
     return model
+
+
+def check_buildable(name: str, input_size: int) -> None:
+    """Build ``name`` for ``input_size`` on the meta device (no memory, no init cost), so that an input size the
+    model cannot take fails before any work is done."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _create(name, input_size)
 
 
 def build_pretrain_model(name: str, input_size: int, **kwargs) -> nn.Module:
