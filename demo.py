@@ -85,15 +85,15 @@ class Recipe:
 RECIPES = {
     "mae": Recipe(
         pretrain_model="mae_vit_tiny_patch4", classifier="vit_tiny_patch4", input_size=32, mask_ratio=0.75,
-        norm_pix_loss=False, pretrain_images=8192, pretrain_epochs=2, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
-        labelled_images=4096, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=50.0,
-        finetune_images=4096, finetune_epochs=2, finetune_warmup_epochs=0, finetune_blr=2e-3, test_images=10000,
+        norm_pix_loss=False, pretrain_images=12800, pretrain_epochs=1, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
+        labelled_images=4096, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
+        finetune_images=4096, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3, test_images=2000,
     ),
     "mixmim": Recipe(
         pretrain_model="mixmim_tiny", classifier="mixmim_tiny_ft", input_size=64, mask_ratio=0.5,
-        norm_pix_loss=True, pretrain_images=4096, pretrain_epochs=2, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
-        labelled_images=4096, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=50.0,
-        finetune_images=4096, finetune_epochs=2, finetune_warmup_epochs=0, finetune_blr=2e-3, test_images=2000,
+        norm_pix_loss=True, pretrain_images=4096, pretrain_epochs=1, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
+        labelled_images=2048, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
+        finetune_images=2048, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3, test_images=1000,
     ),
 }
 
@@ -123,7 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     budget.add_argument("--linprobe_epochs", type=int)
     budget.add_argument("--linprobe_warmup_epochs", type=int)
     budget.add_argument("--finetune_blr", type=float)
-    budget.add_argument("--finetune_images", type=int, help="the first N labelled images, for fine-tuning")
+    budget.add_argument("--finetune_images", type=int,
+                        help="train-split images to fine-tune on (a prefix of the same permutation)")
     budget.add_argument("--finetune_epochs", type=int)
     budget.add_argument("--finetune_warmup_epochs", type=int)
     budget.add_argument("--test_images", type=int, help="test-split images to evaluate on (10000: all)")
