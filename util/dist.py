@@ -13,6 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from util.errors import UsageError
 
@@ -116,9 +117,17 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         return
     if not is_dist_avail_and_initialized():
         logger.info("distributed init (rank %d/%d, %s): %s", rank, world_size, args.dist_backend, args.dist_url)
-        dist.init_process_group(
-            backend=args.dist_backend, init_method=args.dist_url, world_size=world_size, rank=rank
-        )
+        restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0 and args.dist_url == "env://":
+            # torchrun's static rendezvous (--master_addr/--master_port) keeps one store across restarts, so the
+            # restarted workers would read the dead workers' addresses: give every restart its own key space
+            store, _, _ = next(rendezvous("env://", rank, world_size))
+            store = dist.PrefixStore(f"restart_{restart}", store)
+            dist.init_process_group(backend=args.dist_backend, store=store, world_size=world_size, rank=rank)
+        else:
+            dist.init_process_group(
+                backend=args.dist_backend, init_method=args.dist_url, world_size=world_size, rank=rank
+            )
     barrier()
 
 
