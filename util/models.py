@@ -15,44 +15,19 @@ import torch
 import torch.nn as nn
 
 import models_mae
+import models_mixmim
 import models_vit
 from util.misc import UsageError
-
-try:
-    import models_mixmim
-except ModuleNotFoundError as e:  # the MixMIM models are optional until they land
-    if e.name != "models_mixmim":
-        raise
-    models_mixmim = None
 
 logger = logging.getLogger(__name__)
 
 
 def _names(module) -> list[str]:
-    return timm.list_models(module=module.__name__.split(".")[-1]) if module is not None else []
+    return timm.list_models(module=module.__name__.split(".")[-1])
 
 
 def _mixmim_classifier_names() -> set[str]:
-    names = getattr(models_mixmim, "FINETUNE_NAMES", None)
-    if isinstance(names, dict):
-        return set(names.values())
-    return {n for n in _names(models_mixmim) if _is_mixmim_classifier(n)}
-
-
-def _is_mixmim_classifier(name: str) -> bool:
-    fn = getattr(models_mixmim, "is_finetune_model", None)
-    if fn is not None:
-        return bool(fn(name))
-    return name.endswith("_ft") or "_ft_" in name
-
-
-def _mixmim_finetune_name(name: str) -> str:
-    """The MixMIM classifier for a pretraining (or classifier) name."""
-    fn = getattr(models_mixmim, "finetune_model_name", None)
-    if fn is not None:
-        return fn(name)
-    names = getattr(models_mixmim, "FINETUNE_NAMES", {})
-    return names.get(name, name)
+    return set(models_mixmim.FINETUNE_NAMES.values())
 
 
 def pretrain_model_names() -> list[str]:
@@ -81,20 +56,18 @@ def resolve_pretrain_name(name: str) -> str:
         return name
     if f"mae_{name}" in known:  # a ViT classifier name: its MAE
         return f"mae_{name}"
-    if models_mixmim is not None:
-        for pre in _names(models_mixmim):
-            if pre not in _mixmim_classifier_names() and _mixmim_finetune_name(pre) == name:
-                return pre
+    for pre, ft in models_mixmim.FINETUNE_NAMES.items():  # a MixMIM classifier name: its pretraining model
+        if ft == name and pre in known:
+            return pre
     raise UsageError(f"unknown pretraining --model {name!r}; choose one of: {', '.join(known)}")
 
 
 def resolve_classifier_name(name: str) -> str:
     """The classifier for ``--model`` in main_finetune.py / main_linprobe.py."""
     known = classifier_model_names()
-    if models_mixmim is not None:  # the official MixMIM names (mixmim_base, mixmim_base_384, ...)
-        mapped = _mixmim_finetune_name(name)
-        if mapped in known:
-            return mapped
+    mapped = models_mixmim.finetune_model_name(name)  # the official MixMIM names (mixmim_base, mixmim_base_384, ...)
+    if mapped in known:
+        return mapped
     if name in known:
         return name
     if name.startswith("mae_"):  # an MAE name: its ViT encoder as classifier
