@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-from PIL import UnidentifiedImageError
-from timm.data import create_transform
+from PIL import Image, UnidentifiedImageError
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
@@ -182,9 +182,31 @@ def eval_transform(input_size: int) -> transforms.Compose:
     )
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving a black image as with Pillow < 13 (Pillow 13 raises ValueError)."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_safe(transform):
+    """Make the transform's RandAugment / AutoAugment / AugMix posterize ops accept 0 bits, which the official
+    ``rand-m9-mstd0.5-inc1`` asks for whenever the magnitude noise reaches 10 (about 1 image in 600)."""
+    for t in getattr(transform, "transforms", []):
+        ops = list(getattr(t, "ops", [])) + [op for policy in getattr(t, "policy", []) for op in policy]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
 def finetune_transform(args: argparse.Namespace):
-    """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing."""
-    return create_transform(
+    """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing.
+
+    Posterize with 0 bits (RandAugment at magnitude 10) gives a black image, as it did with the Pillow of the
+    official code; Pillow 13 would raise instead.
+    """
+    return _posterize_safe(create_transform(
         input_size=args.input_size,
         is_training=True,
         color_jitter=args.color_jitter,
@@ -195,7 +217,7 @@ def finetune_transform(args: argparse.Namespace):
         re_count=args.recount,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
-    )
+    ))
 
 
 def linprobe_transform(input_size: int) -> transforms.Compose:
