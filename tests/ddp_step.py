@@ -71,6 +71,7 @@ def main() -> None:
     wrapped = NoiseFromImages(model)
     forwards = [0]
     wrapped.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    dist_args.accum_iter = args.accum_iter  # as in the scripts, whose args carry --accum_iter
     ddp = wrap_ddp(wrapped, dist_args)
     at_allreduce: list[int] = []
 

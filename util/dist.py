@@ -156,8 +156,20 @@ def maybe_no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractCont
 
 
 def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """``DistributedDataParallel`` over the model when running distributed (device_ids only on CUDA)."""
+    """``DistributedDataParallel`` over the model when running distributed (device_ids only on CUDA).
+
+    Gradients are views into DDP's communication buckets (no copy in and out of the buckets). Every model here
+    uses the same parameters in every step, so the graph is static: DDP then skips its per-step search for unused
+    parameters and can reorder buckets after the first step. static_graph is left off with gradient accumulation
+    (``no_sync`` on the first step fails an internal DDP assertion, seen with torch 2.14) and under ``--compile``
+    (the compiler's DDP optimiser splits the graph at bucket boundaries itself; the combination is untested here).
+    """
     if not args.distributed:
         return model
     device_ids = [args.gpu] if args.gpu is not None else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=device_ids,
+        gradient_as_bucket_view=True,
+        static_graph=getattr(args, "accum_iter", 1) == 1 and not getattr(args, "compile", False),
+    )
