@@ -6,11 +6,13 @@
 3. top-1 on the test split, pretrained vs scratch: printed as a table and written to ``results.json``; and
    reconstructions of test images (``reconstructions.png``, see ``visualize.py``).
 
-Every stage is the project's own entry script, called in-process with its own argument parser and ``main``
-(``main_pretrain.py``, ``main_linprobe.py``, ``main_finetune.py``): the same code, flags, transforms and checkpoints
-as at ImageNet scale. The equivalent command of each stage is logged. The data are read with torchvision's
-``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package, or any folder holding the same files) and written
-once as small ImageFolders of PNGs, which is what the scripts read.
+Every stage takes its flags from the project's own entry script's parser (``main_pretrain.py``, ``main_linprobe.py``,
+``main_finetune.py``; the equivalent command of each stage is logged and its ``args.json`` saved) and runs the
+scripts' building blocks: the model builders, the ``--finetune`` loader, the optimisers and lr schedules, and the
+engines' ``train_one_epoch`` and ``evaluate``. No second training loop. The data are read with torchvision's
+``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package, or any folder holding the same files) and kept in
+memory as tensors (padded to 32x32, 3 channels, random flips for training); the linear probe trains on the frozen
+encoder's features computed once. README's "Demo" lists what differs from running the scripts on an ImageFolder.
 
     python demo.py                       # MAE, ~10 min on 2 CPU cores
     python demo.py --family mixmim       # the same with mixmim_tiny (64x64 inputs)
@@ -76,6 +78,7 @@ class Recipe:
     linprobe_warmup_epochs: int
     linprobe_blr: float
     finetune_images: int
+    finetune_batch_size: int
     finetune_epochs: int
     finetune_warmup_epochs: int
     finetune_blr: float
@@ -85,15 +88,17 @@ class Recipe:
 RECIPES = {
     "mae": Recipe(
         pretrain_model="mae_vit_tiny_patch4", classifier="vit_tiny_patch4", input_size=32, mask_ratio=0.75,
-        norm_pix_loss=False, pretrain_images=12800, pretrain_epochs=1, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
+        norm_pix_loss=False, pretrain_images=12800, pretrain_epochs=3, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
         labelled_images=4096, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
-        finetune_images=4096, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3, test_images=2000,
+        finetune_images=4096, finetune_batch_size=32, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3,
+        test_images=2000,
     ),
     "mixmim": Recipe(
         pretrain_model="mixmim_tiny", classifier="mixmim_tiny_ft", input_size=64, mask_ratio=0.5,
         norm_pix_loss=True, pretrain_images=4096, pretrain_epochs=1, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
         labelled_images=2048, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
-        finetune_images=2048, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3, test_images=1000,
+        finetune_images=2048, finetune_batch_size=32, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3,
+        test_images=1000,
     ),
 }
 
@@ -108,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="./output_demo", help="checkpoints, logs, results.json, images")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--batch_size", default=128, type=int, help="batch size of every stage")
+    parser.add_argument("--batch_size", default=128, type=int, help="batch size of pretraining and the linear probe")
     parser.add_argument("--num_workers", default=0, type=int, help="DataLoader workers of every stage")
     budget = parser.add_argument_group("budget (default: the family's recipe in demo.py)")
     budget.add_argument("--pretrain_images", type=int, help="train-split images to pretrain on")
@@ -126,6 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     budget.add_argument("--finetune_images", type=int,
                         help="train-split images to fine-tune on (a prefix of the same permutation)")
     budget.add_argument("--finetune_epochs", type=int)
+    budget.add_argument("--finetune_batch_size", type=int,
+                        help="smaller than --batch_size: more updates for the same compute")
     budget.add_argument("--finetune_warmup_epochs", type=int)
     budget.add_argument("--test_images", type=int, help="test-split images to evaluate on (10000: all)")
     extra = parser.add_argument_group("more flags for a stage's script, appended last (they win), e.g. "
@@ -182,10 +189,12 @@ def stage_args(script, cli: list[str]) -> argparse.Namespace:
     return args
 
 
-def common_flags(args: argparse.Namespace, output_dir: Path, epochs: int, blr: float) -> list[str]:
+def common_flags(
+    args: argparse.Namespace, output_dir: Path, epochs: int, blr: float, batch_size: int | None = None
+) -> list[str]:
     flags = [
         "--data_path", "", "--output_dir", str(output_dir), "--log_dir", "", "--input_size", str(args.input_size),
-        "--batch_size", str(args.batch_size), "--epochs", str(epochs), "--blr", str(blr),
+        "--batch_size", str(batch_size or args.batch_size), "--epochs", str(epochs), "--blr", str(blr),
         "--num_workers", str(args.num_workers), "--seed", str(args.seed), "--print_freq", "20",
     ]
     if args.device:
@@ -280,7 +289,10 @@ def linprobe(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
 
 def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag: str) -> float:
     """``main_finetune.py``'s model, layer-wise lr decay, AdamW, criterion and engine; top-1 on the test set."""
-    cli = common_flags(args, Path(args.output_dir) / f"finetune_{tag}", args.finetune_epochs, args.finetune_blr)
+    cli = common_flags(
+        args, Path(args.output_dir) / f"finetune_{tag}", args.finetune_epochs, args.finetune_blr,
+        args.finetune_batch_size,
+    )
     cli += ["--model", args.classifier, "--nb_classes", "10", "--warmup_epochs", str(args.finetune_warmup_epochs)]
     if checkpoint is not None:
         cli += ["--finetune", str(checkpoint)]
