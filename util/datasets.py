@@ -183,7 +183,7 @@ def eval_transform(input_size: int) -> transforms.Compose:
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    """timm's posterize, with 0 bits kept giving a black image as with Pillow < 13 (Pillow 13 raises ValueError)."""
+    """timm's posterize; 0 bits give a black image, as with the Pillow of the official code (Pillow 13 raises)."""
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
