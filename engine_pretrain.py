@@ -10,6 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
+from util.datasets import normalize_on_device
 from util.dist import all_reduce_mean, get_world_size, maybe_no_sync
 from util.misc import MetricLogger, SmoothedValue, check_finite_loss
 
@@ -46,7 +47,7 @@ def train_one_epoch(
         if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         lr = optimizer.param_groups[0]["lr"]
-        samples = samples.to(device, non_blocking=True)
+        samples = normalize_on_device(samples.to(device, non_blocking=True))  # uint8 from main_pretrain's loader
         update = (step + 1) % accum_iter == 0
 
         with maybe_no_sync(model, sync=update):

@@ -118,7 +118,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    dataset_train = image_folder(f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size))
+    # uint8 images, normalised on the device by the engine
+    dataset_train = image_folder(
+        f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size, normalize=False)
+    )
     data_loader_train = train_loader(dataset_train, args, device)
 
     model = build_pretrain_model(args.model_name, args.input_size, norm_pix_loss=args.norm_pix_loss)

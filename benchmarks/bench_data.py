@@ -75,7 +75,7 @@ def _children_cpu_s() -> float:
 
 def make_transform(name: str, input_size: int):
     if name == "pretrain":
-        return pretrain_transform(input_size)
+        return pretrain_transform(input_size, normalize=False)  # as main_pretrain.py: uint8, normalised on the device
     if name == "finetune":
         return finetune_transform(SimpleNamespace(input_size=input_size, **FINETUNE_ARGS))
     return eval_transform(input_size)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from util.datasets import eval_transform, finetune_transform
+from util.datasets import eval_transform, finetune_transform, normalize_on_device, pretrain_transform
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -54,3 +54,16 @@ def test_eval_transform_resizes_with_the_official_crop_ratio(input_size, resized
     transform = eval_transform(input_size)
     assert transform.transforms[0].size == resized
     assert tuple(transform(_image(size=500)).shape) == (3, input_size, input_size)
+
+
+def test_uint8_pretraining_images_normalised_on_the_device_equal_the_cpu_transform():
+    image = _image(2, size=300)
+    torch.manual_seed(0)
+    on_cpu = pretrain_transform(64)(image)
+    torch.manual_seed(0)  # the same crop and flip
+    raw = pretrain_transform(64, normalize=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 64, 64)
+    batch = normalize_on_device(raw.unsqueeze(0))
+    assert batch.dtype == torch.float32
+    assert torch.equal(batch[0], on_cpu)  # the same arithmetic: bit for bit
+    assert normalize_on_device(batch) is batch  # float input: left alone
