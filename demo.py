@@ -1,4 +1,4 @@
-"""The whole method on real images in ~10 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
+"""The whole method on real images in ~12 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
 
 1. MAE pretraining of ``mae_vit_tiny_patch4`` on (a subset of) the Fashion-MNIST train split;
 2. linear probe and fine-tuning from that checkpoint, and the same two from random initialisation, with the same
@@ -14,7 +14,7 @@ engines' ``train_one_epoch`` and ``evaluate``. No second training loop. The data
 memory as tensors (padded to 32x32, 3 channels, random flips for training); the linear probe trains on the frozen
 encoder's features computed once. README's "Demo" lists what differs from running the scripts on an ImageFolder.
 
-    python demo.py                       # MAE, ~10 min on 2 CPU cores
+    python demo.py                       # MAE, ~12 min on 2 CPU cores
     python demo.py --family mixmim       # the same with mixmim_tiny (64x64 inputs)
 """
 
