@@ -32,6 +32,18 @@ def drop_timm_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
 
 
+def init_weights_xavier(m: nn.Module) -> None:
+    """The official MAE/MixMIM init of one module: xavier-uniform Linear (following the official JAX ViT), zero
+    biases, unit LayerNorms. Applied with ``model.apply``, whose module order fixes the random draws."""
+    if isinstance(m, nn.Linear):
+        torch.nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a VisionTransformer backbone (He et al., 2021)."""
 
@@ -98,18 +110,7 @@ class MaskedAutoencoderViT(nn.Module):
         torch.nn.init.normal_(self.mask_token, std=0.02)
 
         # same module order as the official code, so the same seed gives the same weights
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            # xavier_uniform following the official JAX ViT
-            torch.nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_weights_xavier)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images -> (N, L, p*p*C) patches, each patch flattened as (p, p, C)."""

@@ -44,7 +44,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from models_mae import drop_timm_kwargs
+from models_mae import drop_timm_kwargs, init_weights_xavier
 from util.pos_embed import get_2d_sincos_pos_embed
 
 # Attention path for every WindowAttention whose own ``fused_attn`` is None: True = SDPA, False = plain,
@@ -407,18 +407,7 @@ class MixMIMEncoder(nn.Module):
         pos_embed = get_2d_sincos_pos_embed(self.embed_dim, self.patch_grid[0], cls_token=False)
         self.absolute_pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
         # same module order as the official code, so the same seed gives the same weights
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            # xavier_uniform following the official JAX ViT
-            torch.nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_weights_xavier)
 
     def forward_encoder(self, x: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, Lo, D4) normalised tokens of the last stage.
