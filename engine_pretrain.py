@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
@@ -64,16 +65,17 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
 
         metric_logger.update(loss=loss_value, lr=lr)
-        if norm is not None and torch.isfinite(norm):
-            metric_logger.update(grad_norm=norm.item())
+        norm_value = norm.item() if norm is not None else None  # one host sync for the log line and TensorBoard
+        if norm_value is not None and math.isfinite(norm_value):
+            metric_logger.update(grad_norm=norm_value)
 
         if log_writer is not None and update:
             # x axis: epoch * 1000, which lines up curves of runs with different batch sizes
             epoch_1000x = int((step / steps + epoch) * 1000)
             log_writer.add_scalar("train_loss", loss_value_reduce, epoch_1000x)
             log_writer.add_scalar("lr", lr, epoch_1000x)
-            if norm is not None:
-                log_writer.add_scalar("grad_norm", norm.item(), epoch_1000x)
+            if norm_value is not None:
+                log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
 
     metric_logger.synchronize_between_processes(device)
     logger.info("Averaged stats: %s", metric_logger)
