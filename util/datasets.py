@@ -12,6 +12,7 @@ rank, which DDP needs); an evaluation batch just leaves it out.
 """
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -178,9 +179,16 @@ def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
     ``Normalize`` do on the CPU (the same operations, so the same numbers). Float images are returned as they are."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, -1, 1, 1)
+    mean, std = _mean_std(images.device)
     return images.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on ``device``, copied there once rather than every step."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1)
+    return mean, std
 
 
 def eval_transform(input_size: int) -> transforms.Compose:
