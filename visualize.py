@@ -25,7 +25,14 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
 from util.checkpoint import load_checkpoint_file, load_model_strict, state_dict_of
-from util.fashion_mnist import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, FashionMNISTImages, prepare_root
+from util.fashion_mnist import (
+    DEFAULT_DATA_PATH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FashionMNISTImages,
+    denormalize,
+    prepare_root,
+)
 from util.misc import UsageError
 from util.models import build_pretrain_model, resolve_pretrain_name
 
@@ -89,9 +96,7 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None =
 
 def to_pil(img: torch.Tensor, scale: int = 1) -> Image.Image:
     """A normalised (3, H, W) image -> an RGB PIL image, upscaled ``scale`` times (nearest neighbour)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = ((img.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+    rgb = (denormalize(img.detach().float().cpu()) * 255).round().to(torch.uint8)  # (3, H, W)
     pil = Image.fromarray(rgb.permute(1, 2, 0).numpy(), mode="RGB")
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale != 1 else pil
 
