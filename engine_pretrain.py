@@ -2,7 +2,6 @@
 
 import argparse
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
@@ -12,8 +11,8 @@ import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
 from util.datasets import normalize_on_device
-from util.dist import all_reduce_mean, get_world_size, maybe_no_sync
-from util.misc import MetricLogger, SmoothedValue, check_finite_loss
+from util.dist import get_world_size, maybe_no_sync
+from util.misc import MetricLogger, SmoothedValue, StepMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ def train_one_epoch(
     steps = len(data_loader)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    metrics = StepMetrics(metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "train_loss")
     optimizer.zero_grad(set_to_none=True)
     images_per_step = args.batch_size * get_world_size()
     for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)):
@@ -54,28 +54,12 @@ def train_one_epoch(
         with maybe_no_sync(model, sync=update):
             with autocast(device, args.amp):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value = loss.item()
-            # reduced before backward, so that every rank stops at the same step on a non-finite loss
-            loss_value_reduce = all_reduce_mean(loss_value, device)
-            check_finite_loss(loss_value_reduce, epoch, step, steps, lr, args.amp)
             norm = loss_scaler(
                 loss / accum_iter, optimizer, clip_grad=args.clip_grad, parameters=params, update_grad=update
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
-
-        metric_logger.update(loss=loss_value, lr=lr)
-        norm_value = norm.item() if norm is not None else None  # one host sync for the log line and TensorBoard
-        if norm_value is not None and math.isfinite(norm_value):
-            metric_logger.update(grad_norm=norm_value)
-
-        if log_writer is not None and update:
-            # x axis: epoch * 1000, which lines up curves of runs with different batch sizes
-            epoch_1000x = int((step / steps + epoch) * 1000)
-            log_writer.add_scalar("train_loss", loss_value_reduce, epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
-            if norm_value is not None:
-                log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
+        metrics.push(step, loss, norm, lr, update)  # reads back to the host only at the steps that log
 
     metric_logger.synchronize_between_processes(device)
     logger.info("Averaged stats: %s", metric_logger)

@@ -1,11 +1,15 @@
 """One training update under ``torchrun --nproc_per_node=2`` (gloo, CPU), for tests/test_distributed.py.
 
     torchrun --nproc_per_node=2 tests/ddp_step.py {mae|mixmim} OUT_DIR
+    torchrun --nproc_per_node=2 tests/ddp_step.py nan OUT_DIR
 
 Each rank takes its half of a fixed batch, runs ``engine_pretrain.train_one_epoch`` on the DDP model (MAE with
 ``accum_iter=2``: two micro-batches per rank), and rank 0 saves the weights to OUT_DIR/weights.pt. A DDP comm hook
 records how many forward passes had run at each gradient all-reduce, so the test can check that accumulation
 all-reduces only on the update step (``no_sync``).
+
+``nan``: four steps in which only rank 1's loss turns NaN, at step 2; each rank writes the error it stopped with
+to OUT_DIR/rank{R}.txt, so the test can check that both stop at the same step.
 """
 
 import argparse
@@ -24,6 +28,7 @@ from train_utils import NoiseFromImages  # noqa: E402
 import engine_pretrain  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.dist import get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
+from util.errors import NonFiniteLossError  # noqa: E402
 from util.models import build_pretrain_model  # noqa: E402
 
 MODELS = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}
@@ -60,10 +65,45 @@ def train_step(wrapped: torch.nn.Module, inner: torch.nn.Module, images: torch.T
     engine_pretrain.train_one_epoch(wrapped, loader, optimizer, torch.device("cpu"), 0, scaler, args=args)
 
 
+class NanOnRank1(torch.nn.Module):
+    """A pretraining 'model' whose loss is NaN at the third call on rank 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
+        self.calls += 1
+        loss = (self.w * x.mean()).sum() ** 2
+        return (loss * float("nan") if self.calls == 3 and get_rank() == 1 else loss), None, None
+
+
+def nan_on_one_rank(out: Path) -> None:
+    model = NanOnRank1()
+    args = argparse.Namespace(
+        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, amp="none", clip_grad=None,
+        print_freq=10, batch_size=2,
+    )
+    loader = [(torch.randn(2, 3, 4, 4), torch.zeros(2)) for _ in range(4)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = NativeScalerWithGradNormCount("cpu", enabled=False)
+    try:
+        engine_pretrain.train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, scaler, args=args)
+        result = "finished"
+    except NonFiniteLossError as e:
+        result = str(e)
+    (out / f"rank{get_rank()}.txt").write_text(result)
+
+
 def main() -> None:
     family, out = sys.argv[1], Path(sys.argv[2])
     dist_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False)
     init_distributed_mode(dist_args)
+    if family == "nan":
+        nan_on_one_rank(out)
+        torch.distributed.destroy_process_group()
+        return
     model, images, args = setup(family)
     rank, world = get_rank(), get_world_size()
     local = images.chunk(world)[rank]

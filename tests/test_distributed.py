@@ -11,8 +11,6 @@ from train_utils import NoiseFromImages, PerChunk, run_torchrun
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
-
 @pytest.mark.parametrize("family", ["mae", "mixmim"])
 def test_two_ranks_equal_one_process(tmp_path: Path, family: str) -> None:
     proc = run_torchrun([str(ROOT / "tests" / "ddp_step.py"), family, str(tmp_path)], cwd=ROOT)
@@ -39,3 +37,12 @@ def test_two_ranks_equal_one_process(tmp_path: Path, family: str) -> None:
     assert at_allreduce, "no gradient all-reduce happened"
     if family == "mae":  # accum_iter=2: all-reduce only after the second micro-batch (no_sync on the first)
         assert set(at_allreduce) == {2}
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path: Path) -> None:
+    """The loss is averaged over the ranks before the check, so rank 0, whose own loss stays finite, stops too."""
+    proc = run_torchrun([str(ROOT / "tests" / "ddp_step.py"), "nan", str(tmp_path)], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "loss is nan at epoch 0, step 2/4" in msg, f"rank {rank}: {msg}"

@@ -102,6 +102,93 @@ def test_non_finite_loss_stops_with_step_and_hint() -> None:
     assert "amp fp16" in msg and "--amp bf16" in msg and "lr" in msg
 
 
+class ScaledSum(nn.Module):
+    """A 'model' whose k-th call (k = 1, 2, ...) has loss k * sum(w): with lr 0 the losses are 3, 6, 9, ... and
+    the gradient of call k is k in every element of w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
+        self.calls += 1
+        return self.calls * self.w.sum() + 0 * x.sum(), None, None
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, x: int) -> None:
+        self.scalars.append((tag, value, x))
+
+
+def test_metrics_read_back_at_log_steps_equal_the_per_step_values() -> None:
+    """Six micro-batches, accum_iter 2, print_freq 4: the flushes at steps 0, 4 and 5 must hand the logger and
+    TensorBoard every step's value, in order, as a read after every step would."""
+    model, writer = ScaledSum(), RecordingWriter()
+    args = engine_args(accum_iter=2, lr=0.0, print_freq=4, batch_size=2)
+    stats = engine_pretrain.train_one_epoch(
+        model, loader(torch.zeros(12, 1), torch.zeros(12), 6), torch.optim.SGD(model.parameters(), lr=0.0), CPU, 0,
+        NativeScalerWithGradNormCount(CPU, False), log_writer=writer, args=args,
+    )
+    assert stats["loss"] == pytest.approx(sum(3 * k for k in range(1, 7)) / 6)
+    # the update after calls k and k+1 sees the accumulated gradient (k + (k+1)) / 2 in each of 3 elements
+    norms = [(k + k + 1) / 2 * 3**0.5 for k in (1, 3, 5)]
+    assert stats["grad_norm"] == pytest.approx(sum(norms) / 3)
+    xs = [int(step / 6 * 1000) for step in (1, 3, 5)]  # the update steps
+    assert [s for s in writer.scalars if s[0] == "train_loss"] == [("train_loss", 3.0 * (s + 1), x) for s, x in
+                                                                   zip((1, 3, 5), xs, strict=True)]
+    got_norms = [(v, x) for tag, v, x in writer.scalars if tag == "grad_norm"]
+    assert [x for _, x in got_norms] == xs
+    assert [v for v, _ in got_norms] == pytest.approx(norms)
+
+
+class SyncCounter:
+    """Counts the calls that copy a tensor's value to the host (each one a device synchronisation on a GPU)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, _name=name, **kw):
+                self.calls.append(_name)
+                return _original(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("engine", ["pretrain", "finetune"])
+def test_training_step_reads_nothing_back_between_log_steps(monkeypatch, engine: str) -> None:
+    """Seven steps at print_freq 3 read values back only at the log steps 0, 3 and 6: one ``tolist`` each.
+
+    SGD, because PyTorch's non-fused AdamW reads its per-parameter step counters with ``item()`` (host tensors,
+    no device synchronisation; the training scripts use the fused AdamW on CUDA, which does not).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(14, 3, 32, 32)
+    args = engine_args(print_freq=3, batch_size=2, clip_grad=1.0)
+    scaler = NativeScalerWithGradNormCount(CPU, False)
+    if engine == "pretrain":
+        model = build_pretrain_model("mae_vit_tiny_patch4", 32)
+        run = lambda data, opt: engine_pretrain.train_one_epoch(model, data, opt, CPU, 0, scaler, args=args)  # noqa: E731
+    else:
+        model = build_classifier("vit_tiny_patch4", 32, num_classes=5, drop_path_rate=0.1, global_pool=True)
+        run = lambda data, opt: engine_finetune.train_one_epoch(  # noqa: E731
+            model, nn.CrossEntropyLoss(), data, opt, CPU, 0, scaler, max_norm=1.0, args=args
+        )
+    data = loader(x, torch.randint(0, 5, (14,)), 7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    counter = SyncCounter(monkeypatch)
+    stats = run(data, opt)
+    assert counter.calls == ["tolist"] * 3
+    assert stats["grad_norm"] > 0
+
+
 def test_fp16_loss_scaler_gives_the_same_step_and_keeps_state() -> None:
     """With a power-of-two scale, scaling then unscaling is exact: the update equals the unscaled one."""
     results = []

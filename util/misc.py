@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.dist import cleanup, is_dist_avail_and_initialized
+from util.dist import cleanup, get_world_size, is_dist_avail_and_initialized
 from util.errors import NonFiniteLossError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,68 @@ class MetricLogger:
         )
 
 
+class StepMetrics:
+    """The per-step loss, grad norm and lr of an epoch, read back to the host only at the steps that log.
+
+    Reading a GPU scalar (``loss.item()``) makes the host wait for the step's kernels to finish, so it cannot queue
+    the next step's kernels while the GPU works. The engines ``push`` each step's loss and grad norm as device
+    tensors; at every ``print_freq``-th step and at the last one, ``push`` flushes: one all-reduce of the loss over
+    processes and one copy to the host for all steps since the last flush. The flush feeds the metric logger and
+    TensorBoard exactly the per-step values that a sync every step would, and stops the run on a non-finite loss
+    with the number of the first step where it appeared (``check_finite_loss``), on every rank at the same step.
+    """
+
+    def __init__(
+        self,
+        metric_logger: "MetricLogger",
+        device: torch.device,
+        epoch: int,
+        steps: int,
+        print_freq: int,
+        amp: str,
+        log_writer=None,
+        loss_tag: str = "train_loss",
+    ):
+        self.metric_logger, self.device, self.log_writer, self.loss_tag = metric_logger, device, log_writer, loss_tag
+        self.epoch, self.steps, self.print_freq, self.amp = epoch, steps, print_freq, amp
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float, bool]] = []
+
+    def push(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None, lr: float, update: bool) -> None:
+        """Record a step; ``norm`` is None on the micro-batches of gradient accumulation that do not update."""
+        self.pending.append((step, loss.detach(), None if norm is None else norm.detach(), lr, update))
+        if step % self.print_freq == 0 or step == self.steps - 1:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        n = len(pending)
+        local = torch.stack([loss.to(self.device, torch.float64) for _, loss, _, _, _ in pending])  # (n,)
+        world_size = get_world_size()
+        reduced = local
+        if world_size > 1:
+            reduced = local.clone()
+            dist.all_reduce(reduced)
+            reduced /= world_size
+        norms = [norm.to(self.device, torch.float64) for _, _, norm, _, _ in pending if norm is not None]
+        values = torch.cat([local, reduced, *(t.reshape(1) for t in norms)]).tolist()  # the one host sync
+        local_v, reduced_v, norm_iter = values[:n], values[n : 2 * n], iter(values[2 * n :])
+        for i, (step, _, norm, lr, update) in enumerate(pending):
+            check_finite_loss(reduced_v[i], self.epoch, step, self.steps, lr, self.amp)
+            norm_value = next(norm_iter) if norm is not None else None
+            self.metric_logger.update(loss=local_v[i], lr=lr)
+            if norm_value is not None and math.isfinite(norm_value):
+                self.metric_logger.update(grad_norm=norm_value)
+            if self.log_writer is not None and update:
+                # x axis: epoch * 1000, which lines up curves of runs with different batch sizes
+                epoch_1000x = int((step / self.steps + self.epoch) * 1000)
+                self.log_writer.add_scalar(self.loss_tag, reduced_v[i], epoch_1000x)
+                self.log_writer.add_scalar("lr", lr, epoch_1000x)
+                if norm_value is not None:
+                    self.log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (all devices), numpy and Python ``random``."""
     seed = int(seed) % 2**32
@@ -233,7 +295,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         help="mixed precision; default bf16 on CUDA devices that support it, fp16 on older GPUs, none on CPU",
     )
     new.add_argument("--compile", action="store_true", help="torch.compile the model")
-    new.add_argument("--print_freq", default=20, type=int, help="log a progress line every N steps")
+    new.add_argument(
+        "--print_freq", default=20, type=int,
+        help="log a progress line, and read the losses back from the device, every N steps",
+    )
     new.add_argument(
         "--skip_bad_images", action="store_true",
         help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
