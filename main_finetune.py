@@ -34,7 +34,7 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_classifier, check_buildable, resolve_classifier_name
+from util.models import build_classifier, check_buildable, compile_model, resolve_classifier_name
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model)
 
     # layer-wise lr decay; no weight decay for biases, norms and the model's no_weight_decay() names
     param_groups = lrd.param_groups_lrd(

@@ -22,7 +22,7 @@ from util.datasets import check_num_classes, eval_transform, image_folder, linpr
 from util.dist import get_rank, init_distributed_mode, wrap_ddp
 from util.lars import LARS
 from util.misc import add_runtime_args, check_output_dir, log_args, run_cli, seed_everything, validate_common_args
-from util.models import build_classifier, check_buildable, resolve_classifier_name
+from util.models import build_classifier, check_buildable, compile_model, resolve_classifier_name
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model)
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     logger.info("optimizer: %s", optimizer)

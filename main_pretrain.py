@@ -33,7 +33,7 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_pretrain_model, check_buildable, family_of, resolve_pretrain_name
+from util.models import build_pretrain_model, check_buildable, compile_model, family_of, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model)
 
     # as official (timm's add_weight_decay): no weight decay for biases and 1-D parameters
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)

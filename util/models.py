@@ -124,3 +124,16 @@ def build_classifier(
     elif global_pool is False:
         logger.warning("--cls_token is ignored for %s: MixMIM classifiers pool the last stage's tokens", resolved)
     return _create(resolved, input_size, **kwargs)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for ``--compile``, keeping eager mode's random draws.
+
+    Inductor otherwise generates its own random numbers inside the fused kernels, so a compiled run would draw other
+    masks (and drop-path decisions) than an eager run with the same seed. ``fallback_random`` makes the compiled
+    model call the same random ops as eager mode: ``--compile`` changes the speed, not the run.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    return torch.compile(model)
