@@ -3,7 +3,10 @@
 A step is what the training scripts do per batch: forward under autocast, backward (through the loss scaler for
 fp16), gradient norm, AdamW step (fused on CUDA), ``zero_grad``. Images (and labels for the classifiers) are random
 tensors already on the device, so the data loader is out of the picture (``bench_data.py`` measures that). The only
-host synchronisations are the two around each timed window.
+host synchronisations are the two around each timed window. ``--loop engine`` runs the training scripts' own
+epoch function instead (``engine_pretrain``/``engine_finetune.train_one_epoch``: lr schedule, metric logging with
+the loss read back every ``--print-freq`` steps; pretraining images as uint8, normalised on the device), one epoch
+per timed window, so the figure is what the scripts get with an infinitely fast loader.
 
 Model FLOPs are counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward and
 backward (matrix products, convolutions and attention; attention is counted through the math SDPA kernel, so the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import itertools
 import json
 import logging
@@ -47,10 +51,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import engine_finetune  # noqa: E402
+import engine_pretrain  # noqa: E402
 import models_mae  # noqa: E402,F401  (registers the models with timm)
 import models_mixmim  # noqa: E402,F401
 import models_vit  # noqa: E402,F401
 from util.amp import NativeScalerWithGradNormCount, autocast  # noqa: E402
+from util.models import compile_model  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 
@@ -62,6 +69,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", nargs="+", default=["bf16"], choices=["bf16", "fp16", "none"])
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the model")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
+    p.add_argument(
+        "--loop", nargs="+", default=["step"], choices=["step", "engine"],
+        help="step: the bare training step; engine: the scripts' train_one_epoch (see above)",
+    )
+    p.add_argument("--print-freq", type=int, default=20, help="engine loop: read the loss back every N steps")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
@@ -131,6 +143,36 @@ def make_step(
     return step
 
 
+def make_engine_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    amp: str,
+    device: torch.device,
+    mask_ratio: float | None,
+    batch: int,
+    print_freq: int,
+) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+    """``steps`` steps of the training scripts' ``train_one_epoch`` on one batch, at a constant lr."""
+    pretrain = is_pretrain_model(model)
+    if pretrain and mask_ratio is None:  # the model's default
+        mask_ratio = inspect.signature(model.forward).parameters["mask_ratio"].default
+    scaler = NativeScalerWithGradNormCount(device, enabled=amp == "fp16")
+    args = argparse.Namespace(
+        accum_iter=1, lr=1e-4, min_lr=1e-4, warmup_epochs=0, epochs=1, mask_ratio=mask_ratio, amp=amp,
+        clip_grad=None, print_freq=print_freq, batch_size=batch,
+    )
+    criterion = nn.CrossEntropyLoss()
+
+    def epoch(images: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+        data = [(images, targets)] * steps
+        if pretrain:
+            engine_pretrain.train_one_epoch(model, data, optimizer, device, 0, scaler, args=args)
+        else:
+            engine_finetune.train_one_epoch(model, criterion, data, optimizer, device, 0, scaler, args=args)
+
+    return epoch
+
+
 def count_flops_per_image(model: nn.Module, size: int, device: torch.device, mask_ratio: float | None) -> float:
     """FLOPs of one forward + backward per image (eager, fp32, math attention so every device counts alike)."""
     batch = 4  # the count is linear in the batch size; MixMIM needs pairs
@@ -167,7 +209,14 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 def bench_one(
-    name: str, batch: int, amp: str, compiled: bool, args: argparse.Namespace, device: torch.device, flops: dict
+    name: str,
+    batch: int,
+    amp: str,
+    compiled: bool,
+    loop: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    flops: dict,
 ) -> dict:
     """Build, warm up and time one configuration; returns its row."""
     torch.manual_seed(args.seed)
@@ -177,16 +226,24 @@ def bench_one(
     if name not in flops:
         flops[name] = count_flops_per_image(model, size, device, args.mask_ratio)
     optimizer = make_optimizer(model, device, fused=not args.no_fused)
-    runner = torch.compile(model, mode=args.compile_mode) if compiled else model
-    step = make_step(runner, optimizer, amp, device, args.mask_ratio)
+    runner = compile_model(model, mode=args.compile_mode) if compiled else model
 
     # images around the ImageNet-normalised range; never zeros, which can run faster than real data
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, 1000, (batch,), device=device)
+    if loop == "engine":
+        if is_pretrain_model(model):  # what main_pretrain's loader hands over
+            images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+        epoch = make_engine_epoch(runner, optimizer, amp, device, args.mask_ratio, batch, args.print_freq)
+    else:
+        step = make_step(runner, optimizer, amp, device, args.mask_ratio)
+
+        def epoch(images: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+            for _ in range(steps):
+                step(images, targets)
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step(images, targets)
+    epoch(images, targets, args.warmup)
     synchronize(device)
     warmup_s = time.perf_counter() - t0
 
@@ -195,8 +252,7 @@ def bench_one(
     for _ in range(args.repeats):
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step(images, targets)
+        epoch(images, targets, args.steps)
         synchronize(device)
         rates.append(batch * args.steps / (time.perf_counter() - t0))
     cpu_s_per_step = (time.process_time() - cpu0) / (args.repeats * args.steps)
@@ -208,6 +264,7 @@ def bench_one(
         "batch": batch,
         "amp": amp,
         "compile": compiled,
+        "loop": loop,
         "input_size": size,
         "images_per_s": ips,
         "images_per_s_all": rates,
@@ -220,7 +277,7 @@ def bench_one(
         "mfu": flops[name] * ips / (args.peak_tflops * 1e12) if args.peak_tflops else None,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
-    del step, runner, optimizer, model, images, targets
+    del epoch, runner, optimizer, model, images, targets
     if compiled:
         torch._dynamo.reset()
     reset_memory(device)
@@ -243,18 +300,21 @@ def device_info(device: torch.device) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'model':<28} {'kind':<8} {'batch':>5} {'amp':>4} {'compile':>7} {'img/s':>9} {'ms/step':>8} "
+        f"{'model':<28} {'kind':<8} {'batch':>5} {'amp':>4} {'compile':>7} {'loop':>6} {'img/s':>9} {'ms/step':>8} "
         f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['model']:<28} {r['batch']:>14} {r['amp']:>4} {r['compile']!s:>7}  ERROR {r['error']}")
+            lines.append(
+                f"{r['model']:<28} {r['batch']:>14} {r['amp']:>4} {r['compile']!s:>7} {r['loop']:>6}  "
+                f"ERROR {r['error']}"
+            )
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   -  "
         mem = f"{r['peak_mem_gib']:7.2f}" if r["peak_mem_gib"] is not None else "      -"
         lines.append(
-            f"{r['model']:<28} {r['kind']:<8} {r['batch']:>5} {r['amp']:>4} {r['compile']!s:>7} "
+            f"{r['model']:<28} {r['kind']:<8} {r['batch']:>5} {r['amp']:>4} {r['compile']!s:>7} {r['loop']:>6} "
             f"{r['images_per_s']:9.1f} {r['step_ms']:8.1f} {r['gflops_per_image']:9.2f} {r['tflops']:8.1f} "
             f"{mfu:>6} {mem}"
         )
@@ -263,6 +323,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("engine_pretrain", "engine_finetune", "util.misc"):  # the engine loop's progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,15 +337,16 @@ def main(args: argparse.Namespace) -> list[dict]:
     logger.info("%s", info)
     flops: dict[str, float] = {}
     rows = []
-    for name, batch, amp, compiled in itertools.product(args.models, args.batch_size, args.amp, compile_opts):
+    configs = itertools.product(args.models, args.batch_size, args.amp, compile_opts, args.loop)
+    for name, batch, amp, compiled, loop in configs:
         try:
-            row = bench_one(name, batch, amp, compiled, args, device, flops)
+            row = bench_one(name, batch, amp, compiled, loop, args, device, flops)
             msg = f"{row['images_per_s']:.1f} img/s (warmup {row['warmup_s']:.1f} s)"
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: report and go on
-            row = {"model": name, "batch": batch, "amp": amp, "compile": compiled, "error": str(e)[:200]}
+            row = {"model": name, "batch": batch, "amp": amp, "compile": compiled, "loop": loop, "error": str(e)[:200]}
             msg = row["error"]
             reset_memory(device)
-        logger.info("%s batch %d %s compile=%s: %s", name, batch, amp, compiled, msg)
+        logger.info("%s batch %d %s compile=%s loop=%s: %s", name, batch, amp, compiled, loop, msg)
         rows.append(row)
         if args.json:  # after every row, so a run cut short keeps what it measured
             with open(args.json, "w") as f:

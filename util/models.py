@@ -126,7 +126,7 @@ def build_classifier(
     return _create(resolved, input_size, **kwargs)
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, mode: str | None = None) -> nn.Module:
     """``torch.compile`` for ``--compile``, keeping eager mode's random draws.
 
     Inductor otherwise generates its own random numbers inside the fused kernels, so a compiled run would draw other
@@ -136,4 +136,4 @@ def compile_model(model: nn.Module) -> nn.Module:
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True
-    return torch.compile(model)
+    return torch.compile(model, mode=mode)

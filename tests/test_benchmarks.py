@@ -1,0 +1,74 @@
+"""benchmarks/bench_train.py: the FLOP count against the architecture's formula, and the row arithmetic."""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_train)
+
+
+def block_macs(tokens: int, dim: int) -> int:
+    """One ViT block: qkv, q @ k^T, attn @ v, proj, and the MLP (ratio 4)."""
+    return tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * 4 * dim
+
+
+def fwd_bwd_flops(fwd_macs: int, patch_embed_macs: int) -> int:
+    """Backward costs twice the forward, except the patch embedding: no gradient for the images themselves."""
+    return 3 * 2 * fwd_macs - 2 * patch_embed_macs
+
+
+PATCH_EMBED = 64 * (4 * 4 * 3) * 192  # 64 patches of 4x4x3 -> 192 channels
+
+
+def count(name: str) -> float:
+    args = bench_train.get_args_parser().parse_args(["--models", name])
+    model = bench_train.build_model(name, args, torch.device("cpu"))
+    return bench_train.count_flops_per_image(model, 32, torch.device("cpu"), None)
+
+
+def test_flops_of_the_vit_classifier() -> None:
+    """vit_tiny_patch4: 65 tokens of 192 channels, 6 blocks, a 1000-class head."""
+    fwd = PATCH_EMBED + 6 * block_macs(65, 192) + 192 * 1000
+    assert count("vit_tiny_patch4") == fwd_bwd_flops(fwd, PATCH_EMBED)
+
+
+def test_flops_of_mae_count_only_the_visible_tokens_in_the_encoder() -> None:
+    """mae_vit_tiny_patch4 at mask ratio 0.75: the encoder sees 16 + 1 tokens, the decoder (128 channels, 2
+    blocks) all 64 + 1, and predicts 4x4x3 pixels per token."""
+    encoder = 6 * block_macs(17, 192)
+    decoder = 17 * 192 * 128 + 2 * block_macs(65, 128) + 65 * 128 * 48
+    assert count("mae_vit_tiny_patch4") == fwd_bwd_flops(PATCH_EMBED + encoder + decoder, PATCH_EMBED)
+
+
+@pytest.fixture
+def restore_log_levels():
+    """bench_train.main quiets the engines' loggers; give the other tests theirs back."""
+    names = ("engine_pretrain", "engine_finetune", "util.misc")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+@pytest.mark.parametrize("loop", ["step", "engine"])
+def test_rows_and_json(tmp_path: Path, loop: str, restore_log_levels) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--device", "cpu", "--models", "mae_vit_tiny_patch4", "--batch-size", "2", "--amp", "none", "--loop", loop,
+        "--warmup", "1", "--steps", "2", "--repeats", "2", "--peak-tflops", "0.5", "--json", str(out),
+    ]
+    rows = bench_train.main(bench_train.get_args_parser().parse_args(argv))
+    saved = json.loads(out.read_text())["results"]
+    assert saved == json.loads(json.dumps(rows))
+    (row,) = rows
+    assert row["loop"] == loop and len(row["images_per_s_all"]) == 2
+    assert row["images_per_s"] == pytest.approx(sum(row["images_per_s_all"]) / 2)  # the median of two
+    assert row["step_ms"] == pytest.approx(1000 * 2 / row["images_per_s"])
+    assert row["mfu"] == pytest.approx(row["gflops_per_image"] * 1e9 * row["images_per_s"] / 0.5e12)
