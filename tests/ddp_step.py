@@ -23,7 +23,7 @@ from timm.optim import param_groups_weight_decay
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_utils import NoiseFromImages  # noqa: E402
+from train_utils import NoiseFromImages, nan_at_call  # noqa: E402
 
 import engine_pretrain  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
@@ -65,22 +65,8 @@ def train_step(wrapped: torch.nn.Module, inner: torch.nn.Module, images: torch.T
     engine_pretrain.train_one_epoch(wrapped, loader, optimizer, torch.device("cpu"), 0, scaler, args=args)
 
 
-class NanOnRank1(torch.nn.Module):
-    """A pretraining 'model' whose loss is NaN at the third call on rank 1 only."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(3))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
-        self.calls += 1
-        loss = (self.w * x.mean()).sum() ** 2
-        return (loss * float("nan") if self.calls == 3 and get_rank() == 1 else loss), None, None
-
-
 def nan_on_one_rank(out: Path) -> None:
-    model = NanOnRank1()
+    model = nan_at_call(3, when=lambda: get_rank() == 1)
     args = argparse.Namespace(
         accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, amp="none", clip_grad=None,
         print_freq=10, batch_size=2,

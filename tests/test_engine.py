@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
-from train_utils import NoiseFromImages
+from train_utils import LossPerCall, NoiseFromImages, nan_at_call
 
 import engine_finetune
 import engine_pretrain
@@ -74,22 +74,8 @@ def test_finetune_accumulation_equals_full_batch() -> None:
     assert accum_opt["state"][0]["step"] == full_opt["state"][0]["step"] == 2
 
 
-class NanAfter(nn.Module):
-    """A pretraining 'model' whose loss turns NaN at the third call."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(3))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
-        self.calls += 1
-        loss = (self.w * x.mean()).sum() ** 2
-        return (loss * float("nan") if self.calls == 3 else loss), None, None
-
-
 def test_non_finite_loss_stops_with_step_and_hint() -> None:
-    model = NanAfter()
+    model = nan_at_call(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(16, 3, 4, 4)
     args = engine_args(amp="fp16", batch_size=4)
@@ -100,20 +86,6 @@ def test_non_finite_loss_stops_with_step_and_hint() -> None:
     msg = str(e.value)
     assert "nan" in msg and "epoch 3, step 2/4" in msg and "global step 14" in msg
     assert "amp fp16" in msg and "--amp bf16" in msg and "lr" in msg
-
-
-class ScaledSum(nn.Module):
-    """A 'model' whose k-th call (k = 1, 2, ...) has loss k * sum(w): with lr 0 the losses are 3, 6, 9, ... and
-    the gradient of call k is k in every element of w."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(3))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
-        self.calls += 1
-        return self.calls * self.w.sum() + 0 * x.sum(), None, None
 
 
 class RecordingWriter:
@@ -127,7 +99,9 @@ class RecordingWriter:
 def test_metrics_read_back_at_log_steps_equal_the_per_step_values() -> None:
     """Six micro-batches, accum_iter 2, print_freq 4: the flushes at steps 0, 4 and 5 must hand the logger and
     TensorBoard every step's value, in order, as a read after every step would."""
-    model, writer = ScaledSum(), RecordingWriter()
+    # loss k * sum(w) at call k: with lr 0 the losses are 3, 6, 9, ... and the gradient of call k is k everywhere
+    model = LossPerCall(lambda k, w, x: k * w.sum() + 0 * x.sum())
+    writer = RecordingWriter()
     args = engine_args(accum_iter=2, lr=0.0, print_freq=4, batch_size=2)
     stats = engine_pretrain.train_one_epoch(
         model, loader(torch.zeros(12, 1), torch.zeros(12), 6), torch.optim.SGD(model.parameters(), lr=0.0), CPU, 0,

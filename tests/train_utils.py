@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,26 @@ def tiny_run_args(data: Path, out: Path, **overrides) -> dict:
         data_path=data, output_dir=out, log_dir=out, device="cpu", num_workers=0, input_size=32,
         batch_size=4, print_freq=100, **overrides,
     )
+
+
+class LossPerCall(nn.Module):
+    """A pretraining 'model' with one weight vector w = (1, 1, 1) whose loss at its k-th call (k = 1, 2, ...) is
+    ``loss_fn(k, w, images)``: for engine tests that need a chosen loss at a chosen step."""
+
+    def __init__(self, loss_fn: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.calls = 0
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, mask_ratio: float) -> tuple:
+        self.calls += 1
+        return self.loss_fn(self.calls, self.w, x), None, None
+
+
+def nan_at_call(n: int, when: Callable[[], bool] = lambda: True) -> LossPerCall:
+    """A ``LossPerCall`` whose loss, (w . mean(x))^2, turns NaN at call ``n`` (if ``when()``)."""
+    return LossPerCall(lambda k, w, x: (w * x.mean()).sum() ** 2 * (float("nan") if k == n and when() else 1.0))
 
 
 class NoiseFromImages(nn.Module):
