@@ -17,7 +17,7 @@ from util.checkpoint import (
     save_atomic,
 )
 from util.errors import UsageError
-from util.models import build_classifier
+from util.models import build_classifier, build_pretrain_model
 
 ASSETS = Path(__file__).parent / "assets"
 # loading into a meta-device model copies nothing; that is the point there
@@ -92,6 +92,32 @@ def test_finetune_loads_values_and_inits_the_head(tmp_path: Path) -> None:
         if not k.startswith("head."):
             assert torch.equal(model.state_dict()[k], v), k
     assert 1e-5 < model.head.weight.std().item() < 3e-5  # the official tiny head init, trunc_normal(std=2e-5)
+
+
+@pytest.mark.parametrize("family", ["mae", "mixmim"])
+def test_finetuned_encoder_gives_the_pretrained_features(tmp_path: Path, family: str) -> None:
+    """After ``--finetune`` from a pretraining checkpoint, the classifier's encoder computes exactly the pretraining
+    encoder's features (no mask): nothing that matters was dropped, renamed or re-initialised."""
+    pre_name, ft_name, size = {"mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4", 32),
+                               "mixmim": ("mixmim_tiny", "mixmim_tiny_ft", 64)}[family]
+    torch.manual_seed(0)
+    pretrained = build_pretrain_model(pre_name, size)
+    with torch.no_grad():  # move every weight away from its initial value, so that a skipped key would show
+        for p in pretrained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = build_classifier(ft_name, size, num_classes=5, drop_path_rate=0.0, global_pool=False)
+    load_pretrained(model, str(write(tmp_path, pretrained.state_dict())))
+    x = torch.randn(2, 3, size, size)
+    pretrained.eval()
+    model.eval()
+    with torch.no_grad():
+        if family == "mae":
+            # nothing masked, tokens kept in order; the classifier (global_pool=False) returns the normalised cls token
+            latent = pretrained.forward_encoder(x, mask_ratio=0.0, noise=torch.arange(64.0).expand(2, 64))[0]
+            expected, got = latent[:, 0], model.forward_features(x)
+        else:
+            expected, got = pretrained.forward_encoder(x, None), model.forward_encoder(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_finetune_rejects_foreign_keys_and_the_other_family(tmp_path: Path) -> None:
