@@ -61,6 +61,7 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         metrics.push(step, loss, norm, lr, update)  # reads back to the host only at the steps that log
 
+    metrics.flush()  # no-op after the last step; covers a loader that ended early
     metric_logger.synchronize_between_processes(device)
     logger.info("Averaged stats: %s", metric_logger)
     return metric_logger.global_averages()

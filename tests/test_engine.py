@@ -12,6 +12,7 @@ import engine_finetune
 import engine_pretrain
 from util.amp import NativeScalerWithGradNormCount, grad_norm
 from util.errors import NonFiniteLossError
+from util.misc import MetricLogger, StepMetrics
 from util.models import build_classifier, build_pretrain_model
 
 CPU = torch.device("cpu")
@@ -117,6 +118,18 @@ def test_metrics_read_back_at_log_steps_equal_the_per_step_values() -> None:
     got_norms = [(v, x) for tag, v, x in writer.scalars if tag == "grad_norm"]
     assert [x for _, x in got_norms] == xs
     assert [v for v, _ in got_norms] == pytest.approx(norms)
+
+
+def test_a_large_print_freq_still_checks_every_max_pending_steps() -> None:
+    """print_freq 1000 over 1000 steps, a NaN loss at step 150: found at the flush after MAX_PENDING steps (step 200),
+    not at the end of the epoch, and reported with its own step."""
+    metrics = StepMetrics(MetricLogger(), CPU, epoch=0, steps=1000, print_freq=1000, amp="none")
+    assert metrics.MAX_PENDING == 100
+    with pytest.raises(NonFiniteLossError, match="step 150/1000"):
+        for step in range(1000):
+            metrics.push(step, torch.tensor(float("nan") if step == 150 else 1.0), None, 0.1, True)
+    assert step == 200
+    assert metrics.metric_logger.loss.count == 150  # steps 0-149 were logged before the stop
 
 
 class SyncCounter:

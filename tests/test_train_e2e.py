@@ -110,15 +110,18 @@ def test_pretrain_finetune_eval_linprobe(tmp_path: Path, family: str) -> None:
     assert log_lines(lp)[0]["test_acc1"] == lp_stats["acc1"]
 
 
-def test_compile_gives_the_run_of_eager_mode(tmp_path: Path) -> None:
-    """``--compile`` changes the speed, not the run: the same masks (eager random draws), losses and weights."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_gives_the_run_of_eager_mode(tmp_path: Path, family: str) -> None:
+    """``--compile`` changes the speed, not the run: the same masks (eager random draws; MixMIM's Python
+    ``random.uniform`` too, which the compiler replays), losses and weights."""
+    pre_model, _, mask_ratio = FAMILIES[family]
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
         args = parse(
             main_pretrain.get_args_parser(),
-            **tiny_run_args(data, out, model="mae_vit_tiny_patch4", epochs=2, warmup_epochs=0, blr=0.05),
+            **tiny_run_args(data, out, model=pre_model, mask_ratio=mask_ratio, epochs=2, warmup_epochs=0, blr=0.05),
             compile=compiled,
         )
         main_pretrain.main(args)

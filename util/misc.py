@@ -12,6 +12,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ import torch.distributed as dist
 
 from util.dist import cleanup, get_world_size, is_dist_avail_and_initialized
 from util.errors import NonFiniteLossError, UsageError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -160,21 +164,24 @@ class StepMetrics:
 
     Reading a GPU scalar (``loss.item()``) makes the host wait for the step's kernels to finish, so it cannot queue
     the next step's kernels while the GPU works. The engines ``push`` each step's loss and grad norm as device
-    tensors; at every ``print_freq``-th step and at the last one, ``push`` flushes: one all-reduce of the loss over
-    processes and one copy to the host for all steps since the last flush. The flush feeds the metric logger and
-    TensorBoard exactly the per-step values that a sync every step would, and stops the run on a non-finite loss
-    with the number of the first step where it appeared (``check_finite_loss``), on every rank at the same step.
+    tensors; at every ``print_freq``-th step, at the last one, and after ``MAX_PENDING`` steps without either,
+    ``push`` flushes: one all-reduce of the loss over processes and one copy to the host for all steps since the
+    last flush. The flush feeds the metric logger and TensorBoard exactly the per-step values that a sync every
+    step would, and stops the run on a non-finite loss with the number of the first step where it appeared
+    (``check_finite_loss``), on every rank at the same step (every rank flushes at the same steps).
     """
+
+    MAX_PENDING = 100  # bounds the steps run after a non-finite loss when --print_freq is large
 
     def __init__(
         self,
-        metric_logger: "MetricLogger",
+        metric_logger: MetricLogger,
         device: torch.device,
         epoch: int,
         steps: int,
         print_freq: int,
         amp: str,
-        log_writer=None,
+        log_writer: "SummaryWriter | None" = None,
         loss_tag: str = "train_loss",
     ):
         self.metric_logger, self.device, self.log_writer, self.loss_tag = metric_logger, device, log_writer, loss_tag
@@ -183,11 +190,18 @@ class StepMetrics:
 
     def push(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None, lr: float, update: bool) -> None:
         """Record a step; ``norm`` is None on the micro-batches of gradient accumulation that do not update."""
-        self.pending.append((step, loss.detach(), None if norm is None else norm.detach(), lr, update))
-        if step % self.print_freq == 0 or step == self.steps - 1:
+        # a copy (a device op, no sync): a compiled model's output may live in CUDA-graph memory that the next step
+        # overwrites
+        loss = loss.detach().reshape(()).clone()
+        self.pending.append((step, loss, None if norm is None else norm.detach().reshape(()), lr, update))
+        if step % self.print_freq == 0 or step == self.steps - 1 or len(self.pending) >= self.MAX_PENDING:
             self.flush()
 
     def flush(self) -> None:
+        """Read the pending steps back (one all-reduce, one host copy), check them, and log them in order.
+
+        The engines also call this after their loop, so nothing pushed is left unchecked if the loader ended early.
+        """
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -199,8 +213,8 @@ class StepMetrics:
             reduced = local.clone()
             dist.all_reduce(reduced)
             reduced /= world_size
-        norms = [norm.to(self.device, torch.float64) for _, _, norm, _, _ in pending if norm is not None]
-        values = torch.cat([local, reduced, *(t.reshape(1) for t in norms)]).tolist()  # the one host sync
+        norms = [norm.to(self.device, torch.float64).reshape(1) for _, _, norm, _, _ in pending if norm is not None]
+        values = torch.cat([local, reduced, *norms]).tolist()  # the one host sync
         local_v, reduced_v, norm_iter = values[:n], values[n : 2 * n], iter(values[2 * n :])
         for i, (step, _, norm, lr, update) in enumerate(pending):
             check_finite_loss(reduced_v[i], self.epoch, step, self.steps, lr, self.amp)
@@ -215,7 +229,6 @@ class StepMetrics:
                 self.log_writer.add_scalar("lr", lr, epoch_1000x)
                 if norm_value is not None:
                     self.log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
-
 
 def seed_everything(seed: int) -> None:
     """Seed torch (all devices), numpy and Python ``random``."""

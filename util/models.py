@@ -131,7 +131,8 @@ def compile_model(model: nn.Module, mode: str | None = None) -> nn.Module:
 
     Inductor otherwise generates its own random numbers inside the fused kernels, so a compiled run would draw other
     masks (and drop-path decisions) than an eager run with the same seed. ``fallback_random`` makes the compiled
-    model call the same random ops as eager mode: ``--compile`` changes the speed, not the run.
+    model call the same random ops as eager mode: ``--compile`` changes the speed, not the run. The setting is
+    process-wide (inductor's config), which suits the scripts: they compile one model.
     """
     import torch._inductor.config as inductor_config
 
