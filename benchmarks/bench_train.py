@@ -143,6 +143,12 @@ def make_step(
     return step
 
 
+def default_mask_ratio(model: nn.Module) -> float:
+    """The ``mask_ratio`` default of a pretraining model's ``forward`` (MAE 0.75, MixMIM 0.5), compiled or not."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper has a generic forward signature
+    return inspect.signature(inner.forward).parameters["mask_ratio"].default
+
+
 def make_engine_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -154,8 +160,8 @@ def make_engine_epoch(
 ) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
     """``steps`` steps of the training scripts' ``train_one_epoch`` on one batch, at a constant lr."""
     pretrain = is_pretrain_model(model)
-    if pretrain and mask_ratio is None:  # the model's default
-        mask_ratio = inspect.signature(model.forward).parameters["mask_ratio"].default
+    if pretrain and mask_ratio is None:
+        mask_ratio = default_mask_ratio(model)
     scaler = NativeScalerWithGradNormCount(device, enabled=amp == "fp16")
     args = argparse.Namespace(
         accum_iter=1, lr=1e-4, min_lr=1e-4, warmup_epochs=0, epochs=1, mask_ratio=mask_ratio, amp=amp,

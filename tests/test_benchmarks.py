@@ -47,6 +47,14 @@ def test_flops_of_mae_count_only_the_visible_tokens_in_the_encoder() -> None:
     assert count("mae_vit_tiny_patch4") == fwd_bwd_flops(PATCH_EMBED + encoder + decoder, PATCH_EMBED)
 
 
+@pytest.mark.parametrize(("name", "ratio"), [("mae_vit_tiny_patch4", 0.75), ("mixmim_tiny", 0.5)])
+def test_engine_loop_takes_the_models_mask_ratio_also_when_compiled(name: str, ratio: float) -> None:
+    args = bench_train.get_args_parser().parse_args(["--models", name])
+    model = bench_train.build_model(name, args, torch.device("cpu"))
+    assert bench_train.default_mask_ratio(model) == ratio
+    assert bench_train.default_mask_ratio(torch.compile(model)) == ratio  # compiles nothing until called
+
+
 @pytest.fixture
 def restore_log_levels():
     """bench_train.main quiets the engines' loggers; give the other tests theirs back."""
