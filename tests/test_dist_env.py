@@ -2,10 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from train_utils import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,14 +25,8 @@ cleanup()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_slurm_tasks_join_one_process_group():
-    port = _free_port()
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
     base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
