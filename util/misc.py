@@ -193,7 +193,7 @@ class StepMetrics:
         # a copy (a device op, no sync): a compiled model's output may live in CUDA-graph memory that the next step
         # overwrites
         loss = loss.detach().reshape(()).clone()
-        self.pending.append((step, loss, None if norm is None else norm.detach().reshape(()), lr, update))
+        self.pending.append((step, loss, None if norm is None else norm.detach(), lr, update))
         if step % self.print_freq == 0 or step == self.steps - 1 or len(self.pending) >= self.MAX_PENDING:
             self.flush()
 
@@ -229,6 +229,7 @@ class StepMetrics:
                 self.log_writer.add_scalar("lr", lr, epoch_1000x)
                 if norm_value is not None:
                     self.log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
+
 
 def seed_everything(seed: int) -> None:
     """Seed torch (all devices), numpy and Python ``random``."""
