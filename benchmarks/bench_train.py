@@ -21,6 +21,8 @@ Examples:
     # H100, the issue's table
     python benchmarks/bench_train.py --models mae_vit_base_patch16 mae_vit_large_patch16 vit_base_patch16 \\
         mixmim_base --batch-size 128 --amp bf16 --compile both --peak-tflops 989 --json bench_h100.json
+    # FLOPs per image of every size, and the images/s of 100% MFU on an H100 (meta device: any machine, seconds)
+    python benchmarks/bench_train.py --flops-only --peak-tflops 989 --models mae_vit_huge_patch14 mixmim_large
     # CPU, 2 threads
     python benchmarks/bench_train.py --device cpu --threads 2 --models mae_vit_base_patch16 --batch-size 4 \\
         --amp none --warmup 2 --steps 5
@@ -86,6 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, e.g. 989 (H100 SXM bf16)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--flops-only", action="store_true",
+        help="only count the FLOPs per image, on the meta device (no weights, no timing; seconds even for ViT-H)",
+    )
     return p
 
 
@@ -194,6 +200,42 @@ def count_flops_per_image(model: nn.Module, size: int, device: torch.device, mas
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
+
+
+def flops_row(name: str, args: argparse.Namespace) -> dict:
+    """FLOPs per image of one model counted on the meta device: shapes only, so any size fits on any machine.
+
+    With ``--peak-tflops``, ``images_per_s_at_peak`` is the throughput at which the step would run at 100% MFU.
+    """
+    meta = torch.device("meta")
+    with meta:
+        model = build_model(name, args, meta)
+    mask_ratio = args.mask_ratio
+    if mask_ratio is None and is_pretrain_model(model):
+        mask_ratio = default_mask_ratio(model)
+    flops = count_flops_per_image(model, input_size(model), meta, mask_ratio)
+    return {
+        "model": name,
+        "kind": "pretrain" if is_pretrain_model(model) else "finetune",
+        "input_size": input_size(model),
+        "mask_ratio": mask_ratio,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflops_per_image": flops / 1e9,
+        "images_per_s_at_peak": args.peak_tflops * 1e12 / flops if args.peak_tflops else None,
+    }
+
+
+def format_flops_table(rows: list[dict]) -> str:
+    head = f"{'model':<28} {'kind':<8} {'size':>4} {'mask':>4} {'params M':>9} {'GFLOP/img':>10} {'img/s at peak':>13}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mask = f"{r['mask_ratio']:.2f}" if r["mask_ratio"] is not None else "-"
+        peak = f"{r['images_per_s_at_peak']:13.0f}" if r["images_per_s_at_peak"] else f"{'-':>13}"
+        lines.append(
+            f"{r['model']:<28} {r['kind']:<8} {r['input_size']:>4} {mask:>4} {r['params_m']:9.1f} "
+            f"{r['gflops_per_image']:10.1f} {peak}"
+        )
+    return "\n".join(lines)
 
 
 def synchronize(device: torch.device) -> None:
@@ -338,6 +380,14 @@ def main(args: argparse.Namespace) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (--amp none) on tensor cores, as training
         torch.backends.cudnn.allow_tf32 = True
     compile_opts = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+
+    if args.flops_only:
+        rows = [flops_row(name, args) for name in args.models]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": device_info(torch.device("meta")), "args": vars(args), "results": rows}, f, indent=1)
+        print(format_flops_table(rows), flush=True)
+        return rows
 
     info = device_info(device)
     logger.info("%s", info)

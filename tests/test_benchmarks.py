@@ -80,3 +80,24 @@ def test_rows_and_json(tmp_path: Path, loop: str, restore_log_levels) -> None:
     assert row["images_per_s"] == pytest.approx(sum(row["images_per_s_all"]) / 2)  # the median of two
     assert row["step_ms"] == pytest.approx(1000 * 2 / row["images_per_s"])
     assert row["mfu"] == pytest.approx(row["gflops_per_image"] * 1e9 * row["images_per_s"] / 0.5e12)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch4", "mae_vit_tiny_patch4", "mixmim_tiny", "mixmim_tiny_ft"])
+def test_flops_only_counts_on_the_meta_device_what_a_real_device_counts(
+    tmp_path: Path, name: str, restore_log_levels
+) -> None:
+    """--flops-only builds the model on the meta device (no weights), yet counts exactly the FLOPs of a real run."""
+    out = tmp_path / "flops.json"
+    argv = ["--flops-only", "--models", name, "--peak-tflops", "989", "--json", str(out)]
+    (row,) = bench_train.main(bench_train.get_args_parser().parse_args(argv))
+    assert json.loads(out.read_text())["results"] == [row]
+
+    args = bench_train.get_args_parser().parse_args(["--models", name])
+    model = bench_train.build_model(name, args, torch.device("cpu"))
+    pretrain = bench_train.is_pretrain_model(model)
+    ratio = bench_train.default_mask_ratio(model) if pretrain else None
+    real = bench_train.count_flops_per_image(model, bench_train.input_size(model), torch.device("cpu"), ratio)
+    assert row["gflops_per_image"] * 1e9 == pytest.approx(real, rel=1e-12)  # the same count, up to the / 1e9
+    assert row["mask_ratio"] == ratio and row["kind"] == ("pretrain" if pretrain else "finetune")
+    assert row["params_m"] * 1e6 == sum(p.numel() for p in model.parameters())
+    assert row["images_per_s_at_peak"] == pytest.approx(989e12 / real)
