@@ -382,7 +382,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     compile_opts = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
     if args.flops_only:
-        rows = [flops_row(name, args) for name in args.models]
+        rows = []
+        for name in args.models:
+            try:
+                rows.append(flops_row(name, args))
+            except (RuntimeError, ValueError) as e:  # unknown name, an input size the model cannot take
+                raise SystemExit(f"--flops-only: cannot count {name}: {e}") from None
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"info": device_info(torch.device("meta")), "args": vars(args), "results": rows}, f, indent=1)

@@ -101,3 +101,9 @@ def test_flops_only_counts_on_the_meta_device_what_a_real_device_counts(
     assert row["mask_ratio"] == ratio and row["kind"] == ("pretrain" if pretrain else "finetune")
     assert row["params_m"] * 1e6 == sum(p.numel() for p in model.parameters())
     assert row["images_per_s_at_peak"] == pytest.approx(989e12 / real)
+
+
+def test_flops_only_names_the_model_it_cannot_count(restore_log_levels) -> None:
+    argv = ["--flops-only", "--models", "mae_vit_nope"]
+    with pytest.raises(SystemExit, match="cannot count mae_vit_nope: Unknown model"):
+        bench_train.main(bench_train.get_args_parser().parse_args(argv))
