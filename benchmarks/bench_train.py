@@ -155,6 +155,14 @@ def default_mask_ratio(model: nn.Module) -> float:
     return inspect.signature(inner.forward).parameters["mask_ratio"].default
 
 
+def mask_ratio_for(model: nn.Module, mask_ratio: float | None) -> float | None:
+    """The ratio a pretraining model is stepped at: ``--mask-ratio`` if given, else its own default; None for
+    classifiers."""
+    if mask_ratio is None and is_pretrain_model(model):
+        return default_mask_ratio(model)
+    return mask_ratio
+
+
 def make_engine_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -166,8 +174,7 @@ def make_engine_epoch(
 ) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
     """``steps`` steps of the training scripts' ``train_one_epoch`` on one batch, at a constant lr."""
     pretrain = is_pretrain_model(model)
-    if pretrain and mask_ratio is None:
-        mask_ratio = default_mask_ratio(model)
+    mask_ratio = mask_ratio_for(model, mask_ratio)
     scaler = NativeScalerWithGradNormCount(device, enabled=amp == "fp16")
     args = argparse.Namespace(
         accum_iter=1, lr=1e-4, min_lr=1e-4, warmup_epochs=0, epochs=1, mask_ratio=mask_ratio, amp=amp,
@@ -210,14 +217,13 @@ def flops_row(name: str, args: argparse.Namespace) -> dict:
     meta = torch.device("meta")
     with meta:
         model = build_model(name, args, meta)
-    mask_ratio = args.mask_ratio
-    if mask_ratio is None and is_pretrain_model(model):
-        mask_ratio = default_mask_ratio(model)
-    flops = count_flops_per_image(model, input_size(model), meta, mask_ratio)
+    mask_ratio = mask_ratio_for(model, args.mask_ratio)
+    size = input_size(model)
+    flops = count_flops_per_image(model, size, meta, mask_ratio)
     return {
         "model": name,
         "kind": "pretrain" if is_pretrain_model(model) else "finetune",
-        "input_size": input_size(model),
+        "input_size": size,
         "mask_ratio": mask_ratio,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "gflops_per_image": flops / 1e9,
@@ -346,6 +352,11 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def write_json(path: str, info: dict, args: argparse.Namespace, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'model':<28} {'kind':<8} {'batch':>5} {'amp':>4} {'compile':>7} {'loop':>6} {'img/s':>9} {'ms/step':>8} "
@@ -389,8 +400,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             except (RuntimeError, ValueError) as e:  # unknown name, an input size the model cannot take
                 raise SystemExit(f"--flops-only: cannot count {name}: {e}") from None
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": device_info(torch.device("meta")), "args": vars(args), "results": rows}, f, indent=1)
+            write_json(args.json, device_info(torch.device("meta")), args, rows)
         print(format_flops_table(rows), flush=True)
         return rows
 
@@ -410,8 +420,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         logger.info("%s batch %d %s compile=%s loop=%s: %s", name, batch, amp, compiled, loop, msg)
         rows.append(row)
         if args.json:  # after every row, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
+            write_json(args.json, info, args, rows)
     print(format_table(rows), flush=True)
     return rows
 
