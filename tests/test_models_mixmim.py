@@ -338,6 +338,11 @@ def test_interpolation_224_to_384_matches_official():
         assert [ckpt[k].double().sum().item(), ckpt[k].double().norm().item()] == pytest.approx(
             [v["sum"], v["norm"]], rel=1e-5, abs=1e-4
         ), k
+        # values at 16 fixed positions: a transposed grid or another interpolation mode keeps sum and norm
+        # (nearly) but moves these
+        torch.testing.assert_close(
+            ckpt[k].flatten()[v["at"]], torch.tensor(v["values"]), rtol=0, atol=2e-5, msg=k
+        )
 
     official_384 = OFFICIAL_KEYS["mixmim_base_384_ft"]
     full = {k: torch.zeros(s) for k, s in OFFICIAL_KEYS["mixmim_base_ft"].items()}

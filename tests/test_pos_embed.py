@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import torch
 import models_vit
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
-GOLDEN = json.loads((Path(__file__).parent / "assets" / "mae_golden.json").read_text())["sincos_64_8_cls"]
+ASSETS = Path(__file__).parent / "assets"
+GOLDEN = json.loads((ASSETS / "mae_golden.json").read_text())["sincos_64_8_cls"]
+# the official util.pos_embed.interpolate_pos_embed on torch.randn(1, 1 + 5 * 5, 6) (seed 0), to a 7x7 grid
+OFFICIAL_INTERP = json.loads((ASSETS / "mae_official_interp.json").read_text())
 
 
 def test_sincos_equals_official_numbers():
@@ -51,3 +55,32 @@ def test_interpolate_keeps_cls_and_reshapes():
     before = same["pos_embed"]
     interpolate_pos_embed(model, same)
     assert same["pos_embed"] is before
+
+
+def test_interpolate_equals_the_official_function():
+    """5x5 -> 7x7 (a factor that is not an integer): the official function's values, cls token untouched."""
+    old = torch.randn(1, 1 + 5 * 5, 6, generator=torch.Generator().manual_seed(0))
+    model = SimpleNamespace(patch_embed=SimpleNamespace(num_patches=7 * 7), pos_embed=torch.zeros(1, 1 + 49, 6))
+    ckpt = {"pos_embed": old.clone()}
+    interpolate_pos_embed(model, ckpt)
+    expected = torch.tensor(OFFICIAL_INTERP["output"]).view(1, 1 + 49, 6)
+    torch.testing.assert_close(ckpt["pos_embed"], expected, rtol=0, atol=2e-6)
+
+
+def test_interpolate_keeps_rows_as_rows():
+    """Token k of a G x G grid is row k // G, column k % G: an embedding that is the row index in channel 0 and the
+    column index in channel 1 stays so after resizing (up to the grid's scale), so rows and columns are not swapped
+    and the order of tokens is kept."""
+    old_size, new_size = 4, 6
+    rows, cols = torch.meshgrid(torch.arange(float(old_size)), torch.arange(float(old_size)), indexing="ij")
+    old = torch.stack([rows.flatten(), cols.flatten()], dim=-1)[None]  # (1, 16, 2)
+    old = torch.cat([torch.full((1, 1, 2), -7.0), old], dim=1)
+    model = SimpleNamespace(patch_embed=SimpleNamespace(num_patches=new_size**2), pos_embed=torch.zeros(1, 37, 2))
+    ckpt = {"pos_embed": old}
+    interpolate_pos_embed(model, ckpt)
+    new = ckpt["pos_embed"][0, 1:].view(new_size, new_size, 2)
+    # channel 0 depends on the row only and grows down the rows; channel 1 likewise along the columns
+    torch.testing.assert_close(new[..., 0], new[:, :1, 0].expand(new_size, new_size))
+    torch.testing.assert_close(new[..., 1], new[:1, :, 1].expand(new_size, new_size))
+    assert (new[1:, 0, 0] > new[:-1, 0, 0]).all() and (new[0, 1:, 1] > new[0, :-1, 1]).all()
+    assert ckpt["pos_embed"][0, 0].tolist() == [-7.0, -7.0]
