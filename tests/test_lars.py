@@ -45,8 +45,8 @@ def test_three_steps_follow_the_formula(wd: float) -> None:
 
 
 def test_trust_ratio_sets_the_update_size_of_matrices_only() -> None:
-    """One step from zero momentum: a matrix moves by lr * eta * |w| whatever its gradient and the weight decay; a bias by
-    lr * |g|. A parameter without gradient does not move."""
+    """One step from zero momentum: a matrix moves by lr * eta * |w| whatever its gradient and the weight decay;
+    a bias by lr * |g|. A parameter without gradient does not move."""
     weight = torch.nn.Parameter(torch.full((3, 3), 2.0, dtype=torch.float64))
     bias = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     frozen = torch.nn.Parameter(torch.ones(2, 2))

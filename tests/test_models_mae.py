@@ -119,6 +119,20 @@ def test_norm_pix_loss_target_is_normalised_per_patch():
     assert model.forward_loss(imgs, normed, mask).item() == pytest.approx(0.0, abs=1e-10)
 
 
+
+def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
+    """The target is (x - mean) / sqrt(var + 1e-6) per patch (unbiased var, as official). A constant patch (black
+    padding) gives target 0, not 0/0; a patch of variance v gives, against pred = 0, the loss (n-1)/n * v/(v+1e-6)."""
+    model = tiny(norm_pix_loss=True)
+    imgs = torch.zeros(1, 3, 32, 32, dtype=torch.float64)
+    pred, mask = torch.zeros(1, 64, 48, dtype=torch.float64), torch.ones(1, 64, dtype=torch.float64)
+    assert model.forward_loss(imgs, pred, mask).item() == 0.0  # black image
+    imgs[0, 0, :4, :4] = 1e-3 * torch.tensor([[1.0, -1.0] * 2, [-1.0, 1.0] * 2] * 2, dtype=torch.float64)  # patch 0
+    n = 48
+    v = 16 * 1e-6 / (n - 1)  # 16 entries of +-1e-3 around mean 0 in the patch, unbiased variance
+    expected = (n - 1) / n * v / (v + 1e-6) / 64  # patch 0's loss, averaged over the 64 masked patches
+    assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(expected, rel=1e-12)
+
 def test_every_trainable_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = tiny()

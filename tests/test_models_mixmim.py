@@ -193,6 +193,21 @@ def test_unmixed_prediction_of_an_image_depends_on_that_image_only():
     assert loss.item() == pytest.approx(((u - model.patchify(x)) ** 2).mean().item(), rel=1e-6)
 
 
+
+def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
+    """As MAE: target (x - mean) / sqrt(var + 1e-6) per patch. Black images give loss 0, not NaN; one patch of
+    variance v among the 4 of two 32x32 images gives, against a zero prediction, (n-1)/n * v/(v+1e-6) / 8."""
+    model = models_mixmim.mixmim_tiny(img_size=32, norm_pix_loss=True)
+    imgs = torch.zeros(2, 3, 32, 32, dtype=torch.float64)
+    n = 16 * 16 * 3  # the loss's patches are 16x16 pixels: 4 per 32x32 image
+    rec, mask = torch.zeros(4, 4, n, dtype=torch.float64), torch.ones(1, 4, 1, dtype=torch.float64)
+    assert model.forward_loss(imgs, rec, mask).item() == 0.0
+    checker = 1 - 2 * ((torch.arange(16)[:, None] + torch.arange(16)) % 2)
+    imgs[1, 2, :16, :16] = 1e-3 * checker.double()  # +-1e-3 in one patch of image 1
+    v = 256 * 1e-6 / (n - 1)
+    expected = (n - 1) / n * v / (v + 1e-6) / 8  # one patch of 2 images x 4 patches
+    assert model.forward_loss(imgs, rec, mask).item() == pytest.approx(expected, rel=1e-12)
+
 def test_patchify_round_trip():
     model = models_mixmim.mixmim_tiny()
     x = torch.randn(2, 3, 64, 64)
@@ -252,6 +267,38 @@ def test_attention_path_switch(monkeypatch):
     attn.fused_attn = False  # the per-model switch wins over the module default
     assert not attn.use_sdpa(cpu)
 
+
+
+@pytest.mark.parametrize("ws", [(4, 4), (3, 5), (7, 7)])
+def test_relative_position_index_is_a_function_of_the_offset_only(ws):
+    """Swin's index: tokens i, j of a window (row-major, i = r * ws1 + c) look up the bias of their offset
+    (dr, dc) = (ri - rj, ci - cj) at row dr + ws0 - 1, column dc + ws1 - 1 of the (2*ws0-1, 2*ws1-1) table. So
+    equal offsets share an entry, different offsets never do, and every entry is used."""
+    idx = models_mixmim.relative_position_index(ws)
+    n = ws[0] * ws[1]
+    assert idx.shape == (n, n)
+    by_offset: dict[tuple[int, int], set[int]] = {}
+    for i in range(n):
+        for j in range(n):
+            (ri, ci), (rj, cj) = divmod(i, ws[1]), divmod(j, ws[1])
+            dr, dc = ri - rj, ci - cj
+            assert idx[i, j] == (dr + ws[0] - 1) * (2 * ws[1] - 1) + (dc + ws[1] - 1), (i, j)
+            by_offset.setdefault((dr, dc), set()).add(int(idx[i, j]))
+    assert all(len(v) == 1 for v in by_offset.values())
+    assert sorted(v.pop() for v in by_offset.values()) == list(range((2 * ws[0] - 1) * (2 * ws[1] - 1)))
+
+
+def test_attention_bias_is_read_by_relative_offset():
+    """Each block's bias for (query i, key j) is its table's entry for the offset of j from i."""
+    attn = models_mixmim.mixmim_tiny().layers[0].blocks[0].attn
+    ws = attn.window_size
+    with torch.no_grad():
+        attn.relative_position_bias_table.copy_(torch.randn_like(attn.relative_position_bias_table))
+    table = attn.relative_position_bias_table.view(2 * ws[0] - 1, 2 * ws[1] - 1, -1)
+    bias = attn.relative_position_bias()  # (nH, N, N)
+    for i, j in [(0, 0), (0, ws[1] * ws[0] - 1), (5, 2), (ws[1], 1)]:
+        (ri, ci), (rj, cj) = divmod(i, ws[1]), divmod(j, ws[1])
+        torch.testing.assert_close(bias[:, i, j], table[ri - rj + ws[0] - 1, ci - cj + ws[1] - 1])
 
 def test_mix_mask_blocks_exactly_cross_image_pairs():
     mask = torch.zeros(1, 8 * 8, 1)
