@@ -33,7 +33,14 @@ from util.misc import (
     seed_everything,
     validate_common_args,
 )
-from util.models import build_pretrain_model, check_buildable, compile_model, family_of, resolve_pretrain_name
+from util.models import (
+    build_pretrain_model,
+    check_buildable,
+    compile_model,
+    family_defaults,
+    family_of,
+    resolve_pretrain_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
                         help="Name of model to train (mae_vit_* or mixmim_*)")
     parser.add_argument("--input_size", default=224, type=int, help="images input size")
-    parser.add_argument("--mask_ratio", default=0.75, type=float,
-                        help="Masking ratio (percentage of removed patches); MixMIM's recipe uses 0.5")
+    parser.add_argument("--mask_ratio", default=None, type=float,
+                        help="Masking ratio (percentage of removed patches); default: the family's official one, "
+                             "0.75 for MAE, 0.5 for MixMIM")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="Use (per-patch) normalized pixels as targets for computing loss")
     parser.set_defaults(norm_pix_loss=False)
@@ -85,19 +93,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
-    parser.add_argument("--save_freq", default=20, type=int,
-                        help="write checkpoint-{epoch}.pth every N epochs and at the last one "
-                             "(checkpoint-last.pth is written every epoch)")
+    parser.add_argument("--save_freq", default=None, type=int,
+                        help="write checkpoint-{epoch}.pth every N epochs and at the last one; default: as the "
+                             "family's official script, 20 for MAE, 10 for MixMIM (checkpoint-last.pth is written "
+                             "every epoch)")
 
     add_runtime_args(parser, port=29529)
     return parser
 
 
+def resolve_args(args: argparse.Namespace) -> None:
+    """The registered model name, and the model family's official defaults for the flags left unset."""
+    args.model_name = resolve_pretrain_name(args.model)
+    defaults = family_defaults(args.model_name)
+    if args.mask_ratio is None:
+        args.mask_ratio = defaults.mask_ratio
+    if args.save_freq is None:
+        args.save_freq = defaults.pretrain_save_freq
+
+
 def validate_args(args: argparse.Namespace) -> None:
+    """One-line errors for arguments that cannot work, before any work is done."""
     validate_common_args(args)
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    args.model_name = resolve_pretrain_name(args.model)
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
         raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
     check_buildable(args.model_name, args.input_size)
@@ -108,6 +127,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     init_distributed_mode(args)
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
+    resolve_args(args)
     validate_args(args)
     check_output_dir(args.output_dir)
     check_output_dir(args.log_dir, "--log_dir")

@@ -9,6 +9,7 @@ model cannot take is a ``UsageError``.
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -47,6 +48,26 @@ def family_of(name: str) -> str:
         return "mixmim"
     raise UsageError(f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
                      f"classifiers: {', '.join(classifier_model_names())}")
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """The official scripts' defaults that differ between the two families (one parser here serves both)."""
+
+    mask_ratio: float  # --mask_ratio of main_pretrain.py
+    pretrain_save_freq: int  # a numbered checkpoint every N pretraining epochs
+    finetune_save_freq: int  # ... and fine-tuning epochs
+
+
+FAMILY_DEFAULTS = {
+    "mae": FamilyDefaults(mask_ratio=0.75, pretrain_save_freq=20, finetune_save_freq=1),
+    "mixmim": FamilyDefaults(mask_ratio=0.5, pretrain_save_freq=10, finetune_save_freq=5),
+}
+
+
+def family_defaults(name: str) -> FamilyDefaults:
+    """The official defaults of ``name``'s family (MAE or MixMIM)."""
+    return FAMILY_DEFAULTS[family_of(name)]
 
 
 def resolve_pretrain_name(name: str) -> str:
