@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.utils.data import TensorDataset
 
 import engine_finetune
@@ -36,7 +35,6 @@ import engine_pretrain
 import main_finetune
 import main_linprobe
 import main_pretrain
-import util.lr_decay as lrd
 import visualize
 from engine_finetune import evaluate
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
@@ -46,7 +44,6 @@ from util.datasets import train_loader, val_loader
 from util.dist import cleanup, get_rank, init_distributed_mode, setup_logging
 from util.errors import NonFiniteLossError, UsageError
 from util.fashion_mnist import DEFAULT_DATA_PATH, FashionMNISTImages, prepare_root
-from util.lars import LARS
 from util.misc import (
     append_log_line,
     check_output_dir,
@@ -56,6 +53,7 @@ from util.misc import (
     validate_common_args,
 )
 from util.models import build_classifier, build_pretrain_model
+from util.optim import absolute_lr, finetune_optimizer, linprobe_optimizer, pretrain_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -222,15 +220,14 @@ def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
     if args.norm_pix_loss:
         cli.append("--norm_pix_loss")
     pargs = stage_args(main_pretrain, cli + shlex.split(args.pretrain_args))
+    main_pretrain.resolve_args(pargs)
     main_pretrain.validate_args(pargs)
     device = torch.device(pargs.device)
     seed_everything(pargs.seed)
     loader = train_loader(dataset, pargs, device)
     model = build_pretrain_model(pargs.model_name, pargs.input_size, norm_pix_loss=pargs.norm_pix_loss).to(device)
-    pargs.lr = pargs.blr * pargs.batch_size * pargs.accum_iter / 256
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, pargs.weight_decay), lr=pargs.lr, betas=(0.9, 0.95)
-    )
+    pargs.lr = absolute_lr(pargs.lr, pargs.blr, pargs.batch_size, pargs.accum_iter, 1)
+    optimizer = pretrain_optimizer(model, pargs.lr, pargs.weight_decay, device)
     scaler = NativeScaler(device, enabled=pargs.amp == "fp16")
     run_epochs(pargs, loader, lambda epoch: engine_pretrain.train_one_epoch(
         model, loader, optimizer, device, epoch, scaler, args=pargs
@@ -274,8 +271,8 @@ def linprobe(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
     test_feats = extract_features(model, data["test"], largs, device)
 
     head = model.head  # BatchNorm1d (no affine) + Linear
-    largs.lr = largs.blr * largs.batch_size * largs.accum_iter / 256
-    optimizer = LARS(head.parameters(), lr=largs.lr, weight_decay=largs.weight_decay)
+    largs.lr = absolute_lr(largs.lr, largs.blr, largs.batch_size, largs.accum_iter, 1)
+    optimizer = linprobe_optimizer(head, largs.lr, largs.weight_decay)
     scaler = NativeScaler(device, enabled=largs.amp == "fp16")
     loader = train_loader(train_feats, largs, device)
     criterion = torch.nn.CrossEntropyLoss()
@@ -303,11 +300,8 @@ def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
     if fargs.finetune:
         load_pretrained(model, fargs.finetune, head_init_std=2e-5)  # as main_finetune.py
     model.to(device)
-    fargs.lr = fargs.blr * fargs.batch_size * fargs.accum_iter / 256
-    param_groups = lrd.param_groups_lrd(
-        model, fargs.weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=fargs.layer_decay
-    )
-    optimizer = torch.optim.AdamW(param_groups, lr=fargs.lr)
+    fargs.lr = absolute_lr(fargs.lr, fargs.blr, fargs.batch_size, fargs.accum_iter, 1)
+    optimizer = finetune_optimizer(model, fargs.lr, fargs.weight_decay, fargs.layer_decay, device)
     scaler = NativeScaler(device, enabled=fargs.amp == "fp16")
     mixup_fn = main_finetune.build_mixup(fargs)
     criterion = main_finetune.build_criterion(fargs, mixup_fn)

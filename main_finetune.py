@@ -15,7 +15,6 @@ from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.tensorboard import SummaryWriter
 
-import util.lr_decay as lrd
 from engine_finetune import evaluate, train_one_epoch
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import resolve_amp
@@ -35,6 +34,7 @@ from util.misc import (
     validate_common_args,
 )
 from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
+from util.optim import absolute_lr, finetune_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
 
     eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:  # only base_lr is given
-        args.lr = args.blr * eff_batch_size / 256
+    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
     logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
     logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
 
@@ -205,13 +204,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if args.compile:
         model = compile_model(model)
 
-    # layer-wise lr decay; no weight decay for biases, norms and the model's no_weight_decay() names
-    param_groups = lrd.param_groups_lrd(
-        model_without_ddp, args.weight_decay,
-        no_weight_decay_list=model_without_ddp.no_weight_decay(), layer_decay=args.layer_decay,
-    )
-    fused = True if device.type == "cuda" else None  # one kernel for all parameters
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=fused)
+    optimizer = finetune_optimizer(model_without_ddp, args.lr, args.weight_decay, args.layer_decay, device)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = build_criterion(args, mixup_fn)
     logger.info("criterion = %s", criterion)

@@ -20,9 +20,9 @@ from util.amp import resolve_amp
 from util.checkpoint import load_pretrained, load_resume, resolve_resume
 from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
 from util.dist import get_rank, init_distributed_mode, wrap_ddp
-from util.lars import LARS
 from util.misc import add_runtime_args, check_output_dir, log_args, run_cli, seed_everything, validate_common_args
 from util.models import build_classifier, check_buildable, compile_model, resolve_classifier_name
+from util.optim import absolute_lr, linprobe_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
 
     eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:  # only base_lr is given
-        args.lr = args.blr * eff_batch_size / 256
+    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
     logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
     logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
 
@@ -144,7 +143,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if args.compile:
         model = compile_model(model)
 
-    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = linprobe_optimizer(model_without_ddp.head, args.lr, args.weight_decay)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()

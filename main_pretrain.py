@@ -12,7 +12,6 @@ import logging
 import time
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_pretrain import train_one_epoch
@@ -41,6 +40,7 @@ from util.models import (
     family_of,
     resolve_pretrain_name,
 )
+from util.optim import absolute_lr, pretrain_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     logger.info("Model = %s", model_without_ddp)
 
     eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:  # only base_lr is given
-        args.lr = args.blr * eff_batch_size / 256
+    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
     logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
     logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
 
@@ -161,10 +160,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if args.compile:
         model = compile_model(model)
 
-    # as official (timm's add_weight_decay): no weight decay for biases and 1-D parameters
-    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    fused = True if device.type == "cuda" else None  # one kernel for all parameters
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    optimizer = pretrain_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     load_resume(args, model_without_ddp, optimizer, loss_scaler)

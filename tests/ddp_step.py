@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.optim import param_groups_weight_decay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +29,7 @@ from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.dist import get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
 from util.errors import NonFiniteLossError  # noqa: E402
 from util.models import build_pretrain_model  # noqa: E402
+from util.optim import pretrain_optimizer  # noqa: E402
 
 MODELS = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}
 GLOBAL_BATCH = 8
@@ -51,16 +51,12 @@ def setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, argparse.Namespac
     return model, images, args
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=lr, betas=(0.9, 0.95))
-
-
 def train_step(wrapped: torch.nn.Module, inner: torch.nn.Module, images: torch.Tensor, args) -> None:
     """One epoch of ``accum_iter`` micro-batches (one update) over ``images``."""
     micro = images.chunk(args.accum_iter)
     args.batch_size = micro[0].shape[0]
     loader = [(m, torch.zeros(len(m), dtype=torch.long)) for m in micro]
-    optimizer = make_optimizer(inner, args.lr)
+    optimizer = pretrain_optimizer(inner, args.lr, 0.05, "cpu")
     scaler = NativeScalerWithGradNormCount("cpu", enabled=False)
     engine_pretrain.train_one_epoch(wrapped, loader, optimizer, torch.device("cpu"), 0, scaler, args=args)
 
