@@ -181,6 +181,8 @@ def stage_args(script, cli: list[str]) -> argparse.Namespace:
     args = script.get_args_parser().parse_args(cli)
     init_distributed_mode(args)  # single process here: sets world_size, rank, device
     args.amp = resolve_amp(args.amp, torch.device(args.device))
+    if hasattr(script, "resolve_args"):  # the model's registered name and its family's defaults
+        script.resolve_args(args)
     validate_common_args(args)
     check_output_dir(args.output_dir)
     save_args_json(args, args.output_dir)
@@ -220,7 +222,6 @@ def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
     if args.norm_pix_loss:
         cli.append("--norm_pix_loss")
     pargs = stage_args(main_pretrain, cli + shlex.split(args.pretrain_args))
-    main_pretrain.resolve_args(pargs)
     main_pretrain.validate_args(pargs)
     device = torch.device(pargs.device)
     seed_everything(pargs.seed)

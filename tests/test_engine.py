@@ -2,6 +2,7 @@
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -223,3 +224,64 @@ def test_evaluate_top1_top5() -> None:
     assert stats["acc1"] == pytest.approx(100 * 2 / 5)
     assert stats["acc5"] == pytest.approx(100 * 4 / 5)
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
+
+
+class Recorder(nn.Module):
+    """A classifier that keeps every batch it is given."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.fc(x.mean((2, 3)))
+
+
+class RecordingCriterion(nn.Module):
+    def __init__(self, criterion: nn.Module):
+        super().__init__()
+        self.criterion, self.targets = criterion, []
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.targets.append(targets.detach().clone())
+        return self.criterion(outputs, targets)
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_mix_the_images_with_the_weight_of_the_labels(mode: str) -> None:
+    """The model sees x_mix = lam * x + (1 - lam) * x.flip(0) (mixup), or x with a box of x.flip(0) covering
+    1 - lam of each image (cutmix), where lam is the weight the soft targets give to each image's own label
+    (label smoothing 0.1 over 3 classes: on = 1 - 0.1 + 0.1/3, off = 0.1/3)."""
+    import main_finetune
+
+    fargs = main_finetune.get_args_parser().parse_args(
+        ["--nb_classes", "3", "--batch_size", "4", *(["--mixup", "0.8"] if mode == "mixup" else ["--cutmix", "1.0"])]
+    )
+    mixup_fn = main_finetune.build_mixup(fargs)
+    criterion = RecordingCriterion(main_finetune.build_criterion(fargs, mixup_fn))
+    model = Recorder(3)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])  # flipped: 0, 2, 1, 0
+    np.random.seed(3)  # timm's Mixup draws lam and the box with numpy (and mixes the batch in place: x.clone())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine_finetune.train_one_epoch(
+        model, criterion, [(x.clone(), y)], opt, CPU, 0, NativeScalerWithGradNormCount(CPU, enabled=False),
+        mixup_fn=mixup_fn, args=engine_args(),
+    )
+    seen, targets = model.seen[0], criterion.targets[0]
+    off = 0.1 / 3
+    on = 1 - 0.1 + off
+    lam = ((targets[1, 1] - off) / (on - off)).item()  # image 1 (label 1) mixed with image 2 (label 2)
+    assert 0.05 < lam < 0.95
+    smooth = torch.full((4, 3), off).scatter_(1, y[:, None], on)
+    torch.testing.assert_close(targets, lam * smooth + (1 - lam) * smooth.flip(0))
+    if mode == "mixup":
+        torch.testing.assert_close(seen, lam * x + (1 - lam) * x.flip(0))
+    else:
+        from_partner = (seen == x.flip(0)) & (seen != x)
+        assert torch.all((seen == x) | from_partner)
+        box = from_partner[:, 0]  # (4, H, W); one box for the whole batch ("batch" mode), on every channel
+        assert torch.equal(from_partner, box[:, None].expand_as(from_partner))
+        assert box[1].float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
