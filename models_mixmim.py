@@ -138,7 +138,9 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self) -> torch.Tensor:
         """(nH, N, N) bias gathered from the table."""
         N = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, nH)
+        # index_select, not table[index]: its backward (index_add) sums in a fixed order, while indexing's
+        # (index_put with accumulate) sums in thread order on the CPU, so a run would not repeat to the bit
+        bias = self.relative_position_bias_table.index_select(0, self.relative_position_index.view(-1))  # (N*N, nH)
         return bias.view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
 
     def use_sdpa(self, x: torch.Tensor) -> bool:

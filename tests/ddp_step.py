@@ -10,6 +10,14 @@ all-reduces only on the update step (``no_sync``).
 
 ``nan``: four steps in which only rank 1's loss turns NaN, at step 2; each rank writes the error it stopped with
 to OUT_DIR/rank{R}.txt, so the test can check that both stop at the same step.
+
+``finetune``: one fine-tuning update (``engine_finetune.train_one_epoch``: label smoothing, layer decay, gradient
+clipping) of a tiny ViT classifier on each rank's half of a fixed batch; rank 0 saves the weights.
+
+    torchrun --nproc_per_node=2 tests/ddp_step.py eval OUT_DIR DATA CHECKPOINT [--dist_eval]
+
+``eval``: ``main_finetune.main`` with ``--eval`` on DATA/val; each rank writes the returned stats to
+OUT_DIR/stats{R}.json.
 """
 
 import argparse
@@ -18,18 +26,20 @@ import sys
 from pathlib import Path
 
 import torch
+from timm.loss import LabelSmoothingCrossEntropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_utils import NoiseFromImages, nan_at_call  # noqa: E402
 
+import engine_finetune  # noqa: E402
 import engine_pretrain  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.dist import get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
 from util.errors import NonFiniteLossError  # noqa: E402
-from util.models import build_pretrain_model  # noqa: E402
-from util.optim import pretrain_optimizer  # noqa: E402
+from util.models import build_classifier, build_pretrain_model  # noqa: E402
+from util.optim import finetune_optimizer, pretrain_optimizer  # noqa: E402
 
 MODELS = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}
 GLOBAL_BATCH = 8
@@ -78,12 +88,63 @@ def nan_on_one_rank(out: Path) -> None:
     (out / f"rank{get_rank()}.txt").write_text(result)
 
 
+FINETUNE_CLASSES = 3
+
+
+def finetune_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, argparse.Namespace]:
+    """The same initial classifier (float64, see ``setup``), global batch and labels on every process."""
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny_patch4", 32, FINETUNE_CLASSES, drop_path_rate=0.0, global_pool=True).double()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, FINETUNE_CLASSES, (GLOBAL_BATCH,), generator=g)
+    args = argparse.Namespace(
+        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, amp="none", print_freq=10, smoothing=0.1,
+        weight_decay=0.05, layer_decay=0.75, clip_grad=0.5,
+    )
+    return model, images, labels, args
+
+
+def finetune_step(model: torch.nn.Module, inner: torch.nn.Module, images, labels, args) -> None:
+    args.batch_size = images.shape[0]
+    optimizer = finetune_optimizer(inner, args.lr, args.weight_decay, args.layer_decay, "cpu")
+    scaler = NativeScalerWithGradNormCount("cpu", enabled=False)
+    engine_finetune.train_one_epoch(
+        model, LabelSmoothingCrossEntropy(args.smoothing), [(images, labels)], optimizer, torch.device("cpu"), 0,
+        scaler, max_norm=args.clip_grad, args=args,
+    )
+
+
+def evaluate_checkpoint(out: Path, data: str, checkpoint: str, extra: list[str]) -> None:
+    import main_finetune
+
+    args = main_finetune.get_args_parser().parse_args(
+        ["--eval", "--resume", checkpoint, "--model", "vit_tiny_patch4", "--input_size", "32", "--nb_classes", "2",
+         "--batch_size", "2", "--data_path", data, "--device", "cpu", "--num_workers", "0", *extra]
+    )
+    stats = main_finetune.main(args)
+    (out / f"stats{get_rank()}.json").write_text(json.dumps(stats))
+
+
 def main() -> None:
     family, out = sys.argv[1], Path(sys.argv[2])
+    if family == "eval":
+        evaluate_checkpoint(out, sys.argv[3], sys.argv[4], sys.argv[5:])
+        return
     dist_args = argparse.Namespace(device="cpu", dist_url="env://", dist_on_itp=False)
     init_distributed_mode(dist_args)
     if family == "nan":
         nan_on_one_rank(out)
+        torch.distributed.destroy_process_group()
+        return
+    if family == "finetune":
+        model, images, labels, args = finetune_setup()
+        rank, world = get_rank(), get_world_size()
+        dist_args.accum_iter = 1
+        ddp = wrap_ddp(model, dist_args)
+        finetune_step(ddp, model, images.chunk(world)[rank], labels.chunk(world)[rank], args)
+        if rank == 0:
+            torch.save(model.state_dict(), out / "weights.pt")
         torch.distributed.destroy_process_group()
         return
     model, images, args = setup(family)

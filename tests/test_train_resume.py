@@ -12,6 +12,7 @@ import torch
 from train_utils import make_image_folder, parse, tiny_run_args
 
 import main_finetune
+import main_linprobe
 import main_pretrain
 
 
@@ -27,17 +28,24 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(value, ob["state"][i][name]), (i, name)
 
 
-@pytest.mark.parametrize(
-    "script, resume",
-    [(main_pretrain, "auto"), (main_finetune, "path")],
-    ids=["pretrain-auto", "finetune-mixup-path"],
-)
-def test_resume_equals_uninterrupted(tmp_path: Path, script, resume: str) -> None:
+RUNS = {
+    "pretrain-mae-auto": (main_pretrain, "auto", dict(model="mae_vit_tiny_patch4", warmup_epochs=1)),
+    # MixMIM draws its mask ratio with Python's random (range ratios) and its masks with torch
+    "pretrain-mixmim-path": (main_pretrain, "path", dict(model="mixmim_tiny", warmup_epochs=1)),
+    # augmentation, mixup/cutmix (numpy) and drop path all draw random numbers
+    "finetune-mixup-path": (
+        main_finetune, "path",
+        dict(model="vit_tiny_patch4", warmup_epochs=1, nb_classes=2, mixup=0.8, cutmix=1.0, drop_path=0.1),
+    ),
+    # LARS momentum and the probe's BatchNorm statistics must come back too
+    "linprobe-auto": (main_linprobe, "auto", dict(model="vit_tiny_patch4", warmup_epochs=1, nb_classes=2)),
+}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_resume_equals_uninterrupted(tmp_path: Path, run: str) -> None:
+    script, resume, extra = RUNS[run]
     data = make_image_folder(tmp_path / "data", per_class=4)
-    if script is main_pretrain:
-        extra = dict(model="mae_vit_tiny_patch4", warmup_epochs=1)
-    else:  # augmentation, mixup/cutmix (numpy) and drop path all draw random numbers
-        extra = dict(model="vit_tiny_patch4", warmup_epochs=1, nb_classes=2, mixup=0.8, cutmix=1.0, drop_path=0.1)
 
     straight = tmp_path / "straight"
     script.main(parse(script.get_args_parser(), **tiny_run_args(data, straight, epochs=2, **extra)))
@@ -52,3 +60,23 @@ def test_resume_equals_uninterrupted(tmp_path: Path, script, resume: str) -> Non
 
     load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
     assert_same_state(load(straight / "checkpoint-last.pth"), load(resumed / "checkpoint-last.pth"))
+
+
+@pytest.mark.parametrize("script", [main_pretrain, main_finetune], ids=["pretrain", "finetune"])
+def test_save_freq_numbers_every_nth_epoch_and_the_last(tmp_path: Path, script) -> None:
+    """``epoch % save_freq == 0 or epoch + 1 == epochs`` (the official rule) with 2: epochs 0 and 2 of 3; resumed
+    to 5 epochs, epoch 4 (not 3)."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    model = "mae_vit_tiny_patch4" if script is main_pretrain else "vit_tiny_patch4"
+    extra = dict(model=model, warmup_epochs=0, save_freq=2)
+    if script is main_finetune:
+        extra["nb_classes"] = 2
+    out = tmp_path / "out"
+    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=3, **extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
+        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-last.pth"
+    ]
+    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=5, resume="auto", **extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
+        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-4.pth", "checkpoint-last.pth"
+    ]
