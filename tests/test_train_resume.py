@@ -64,19 +64,20 @@ def test_resume_equals_uninterrupted(tmp_path: Path, run: str) -> None:
 
 @pytest.mark.parametrize("script", [main_pretrain, main_finetune], ids=["pretrain", "finetune"])
 def test_save_freq_numbers_every_nth_epoch_and_the_last(tmp_path: Path, script) -> None:
-    """``epoch % save_freq == 0 or epoch + 1 == epochs`` (the official rule) with 2: epochs 0 and 2 of 3; resumed
-    to 5 epochs, epoch 4 (not 3)."""
+    """``epoch % save_freq == 0 or epoch + 1 == epochs`` (the official rule) with 2: epochs 0, 2 and the last, 3, of
+    4; resumed to 7 epochs: 4 and 6, not 5."""
     data = make_image_folder(tmp_path / "data", per_class=2)
     model = "mae_vit_tiny_patch4" if script is main_pretrain else "vit_tiny_patch4"
     extra = dict(model=model, warmup_epochs=0, save_freq=2)
     if script is main_finetune:
         extra["nb_classes"] = 2
     out = tmp_path / "out"
-    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=3, **extra)))
+    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=4, **extra)))
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-last.pth"
+        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-last.pth"
     ]
-    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=5, resume="auto", **extra)))
+    script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=7, resume="auto", **extra)))
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-4.pth", "checkpoint-last.pth"
+        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-6.pth",
+        "checkpoint-last.pth",
     ]
