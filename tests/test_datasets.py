@@ -1,4 +1,5 @@
-"""The fine-tuning and evaluation transforms: official settings, and no crash on RandAugment's extreme draws."""
+"""Datasets and loaders: official transform details, RandAugment's extreme draws, uint8 normalisation, the
+per-epoch reshuffle and the seeding of DataLoader workers."""
 
 import argparse
 
@@ -67,3 +68,85 @@ def test_uint8_pretraining_images_normalised_on_the_device_equal_the_cpu_transfo
     assert batch.dtype == torch.float32
     assert torch.equal(batch[0], on_cpu)  # the same arithmetic: bit for bit
     assert normalize_on_device(batch) is batch  # float input: left alone
+
+
+# ------------------------------------------------------------------------------------ sampling and worker seeds
+
+
+class Draws(torch.utils.data.Dataset):
+    """Item i: (i, a torch, a numpy and a Python random number drawn in the worker that loads it)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple:
+        import random
+
+        return torch.tensor([float(i), torch.rand(1).item(), np.random.rand(), random.random()])
+
+
+def loader_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"batch_size": 2, "num_workers": 0, "pin_mem": False, "seed": 7, **kw})
+
+
+def test_train_loader_reshuffles_every_epoch_with_the_seeded_permutation() -> None:
+    """DistributedSampler's order for epoch e is torch.randperm(n) under the seed ``seed + e`` (one process)."""
+    from util.datasets import train_loader
+
+    loader = train_loader(Draws(), loader_args(), torch.device("cpu"))
+    orders = []
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        order = [int(i) for batch in loader for i in batch[:, 0]]
+        expected = torch.randperm(16, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        assert order == expected, epoch
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_every_script_reshuffles_at_every_epoch(tmp_path, monkeypatch) -> None:
+    """The epoch loops call ``set_epoch(epoch)`` on the training sampler each epoch (also in one process, which
+    the official code skips)."""
+    from train_utils import make_image_folder, parse, tiny_run_args
+
+    import main_finetune
+    import main_linprobe
+    import main_pretrain
+
+    calls: list[int] = []
+    original = torch.utils.data.DistributedSampler.set_epoch
+    monkeypatch.setattr(
+        torch.utils.data.DistributedSampler, "set_epoch", lambda self, e: (calls.append(e), original(self, e))[1]
+    )
+    data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    for script, model in ((main_pretrain, "mae_vit_tiny_patch4"), (main_finetune, "vit_tiny_patch4"),
+                          (main_linprobe, "vit_tiny_patch4")):
+        calls.clear()
+        extra = {} if script is main_pretrain else {"nb_classes": 2}
+        out = tmp_path / script.__name__
+        script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, model=model, epochs=3, warmup_epochs=0,
+                                                                    **extra)))
+        assert calls == [0, 1, 2], script.__name__
+
+
+def draws_per_worker(seed: int) -> dict[int, list[list[float]]]:
+    """With two workers, the draws of each worker (worker w loads the batches w, w + 2, ...), after seeding torch
+    in the main process as the epoch loop does."""
+    from util.datasets import train_loader
+
+    loader = train_loader(Draws(), loader_args(num_workers=2), torch.device("cpu"))
+    loader.sampler.set_epoch(0)
+    torch.manual_seed(seed)
+    batches = [b[:, 1:].tolist() for b in loader]
+    return {w: [row for b in batches[w::2] for row in b] for w in (0, 1)}
+
+
+def test_worker_random_streams_are_seeded_per_epoch_and_distinct_per_worker() -> None:
+    """torch, numpy and Python ``random`` in the DataLoader workers: the same main-process seed (the epoch seed)
+    gives the same draws; another seed other draws; the two workers never repeat each other's draws."""
+    a, b, c = draws_per_worker(1), draws_per_worker(1), draws_per_worker(2)
+    assert a == b
+    for source in range(3):  # torch, numpy, random
+        for w in (0, 1):
+            assert [r[source] for r in a[w]] != [r[source] for r in c[w]], (source, w)
+        assert not {r[source] for r in a[0]} & {r[source] for r in a[1]}, source
