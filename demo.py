@@ -40,20 +40,15 @@ from engine_finetune import evaluate
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import autocast, resolve_amp
 from util.checkpoint import LAST, load_pretrained, save_checkpoint
+from util.cli import save_args_json, validate_common_args
 from util.datasets import train_loader, val_loader
 from util.dist import cleanup, get_rank, init_distributed_mode, setup_logging
 from util.errors import NonFiniteLossError, UsageError
 from util.fashion_mnist import DEFAULT_DATA_PATH, FashionMNISTImages, prepare_root
-from util.misc import (
-    append_log_line,
-    check_output_dir,
-    epoch_seed,
-    save_args_json,
-    seed_everything,
-    validate_common_args,
-)
+from util.files import append_log_line, check_output_dir
 from util.models import build_classifier, build_pretrain_model
 from util.optim import absolute_lr, finetune_optimizer, linprobe_optimizer, pretrain_optimizer
+from util.seeding import epoch_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 

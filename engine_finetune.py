@@ -12,7 +12,7 @@ import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
 from util.dist import get_world_size, maybe_no_sync
-from util.misc import MetricLogger, SmoothedValue, StepMetrics
+from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from util import faults
 from util.amp import autocast
 from util.datasets import normalize_on_device
 from util.dist import get_world_size, maybe_no_sync
-from util.misc import MetricLogger, SmoothedValue, StepMetrics
+from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -19,22 +19,14 @@ from engine_finetune import evaluate, train_one_epoch
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import resolve_amp
 from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
+from util.cli import add_runtime_args, log_args, run_cli, save_args_json, validate_common_args
 from util.datasets import build_dataset, check_num_classes, skipped_images, train_loader, val_loader
 from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
-from util.misc import (
-    UsageError,
-    add_runtime_args,
-    append_log_line,
-    check_output_dir,
-    epoch_seed,
-    log_args,
-    run_cli,
-    save_args_json,
-    seed_everything,
-    validate_common_args,
-)
+from util.errors import UsageError
+from util.files import append_log_line, check_output_dir
 from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
 from util.optim import absolute_lr, finetune_optimizer
+from util.seeding import epoch_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 

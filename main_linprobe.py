@@ -18,11 +18,13 @@ from main_finetune import fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import resolve_amp
 from util.checkpoint import load_pretrained, load_resume, resolve_resume
+from util.cli import add_runtime_args, log_args, run_cli, validate_common_args
 from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
 from util.dist import get_rank, init_distributed_mode, wrap_ddp
-from util.misc import add_runtime_args, check_output_dir, log_args, run_cli, seed_everything, validate_common_args
+from util.files import check_output_dir
 from util.models import build_classifier, check_buildable, compile_model, resolve_classifier_name
 from util.optim import absolute_lr, linprobe_optimizer
+from util.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
 from util.checkpoint import load_checkpoint_file, load_model_strict, state_dict_of
+from util.errors import UsageError
 from util.fashion_mnist import (
     DEFAULT_DATA_PATH,
     IMAGENET_MEAN,
@@ -33,7 +34,6 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
-from util.misc import UsageError
 from util.models import build_pretrain_model, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)

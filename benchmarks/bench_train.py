@@ -382,7 +382,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("engine_pretrain", "engine_finetune", "util.misc"):  # the engine loop's progress lines
+    for name in ("engine_pretrain", "engine_finetune", "util.metrics"):  # the engine loop's progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:

@@ -58,7 +58,7 @@ def test_engine_loop_takes_the_models_mask_ratio_also_when_compiled(name: str, r
 @pytest.fixture
 def restore_log_levels():
     """bench_train.main quiets the engines' loggers; give the other tests theirs back."""
-    names = ("engine_pretrain", "engine_finetune", "util.misc")
+    names = ("engine_pretrain", "engine_finetune", "util.metrics")
     levels = {n: logging.getLogger(n).level for n in names}
     yield
     for n, level in levels.items():

@@ -13,7 +13,7 @@ import engine_finetune
 import engine_pretrain
 from util.amp import NativeScalerWithGradNormCount, grad_norm
 from util.errors import NonFiniteLossError
-from util.misc import MetricLogger, StepMetrics
+from util.metrics import MetricLogger, StepMetrics
 from util.models import build_classifier, build_pretrain_model
 
 CPU = torch.device("cpu")

@@ -22,9 +22,9 @@ from train_utils import env_without_dist, free_port, make_image_folder
 import main_finetune
 import main_linprobe
 import main_pretrain
+from util.cli import run_cli
 from util.datasets import image_folder, pretrain_transform, train_loader, val_loader
 from util.errors import BadImageError
-from util.misc import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe}

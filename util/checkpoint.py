@@ -18,8 +18,10 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from util import faults, pos_embed
+from util.cli import args_to_dict
 from util.dist import is_main_process
-from util.misc import UsageError, args_to_dict
+from util.errors import UsageError
+from util.files import fsync_dir, temp_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -49,42 +51,18 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+    """``torch.save`` through ``write_atomic``: ``path`` is always a complete checkpoint.
 
     A process killed partway through leaves ``path`` as it was and a ``.{name}.tmp.{pid}`` file behind, which
     ``--resume`` never reads and ``remove_stale_temp_files`` deletes.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, faults.writer(f, "save", obj.get("epoch")))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    write_atomic(path, lambda f: torch.save(obj, faults.writer(f, "save", obj.get("epoch"))))
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` (hard link, else a copy), atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    tmp = temp_path(dst)
     if tmp.exists():
         tmp.unlink()
     try:
@@ -94,7 +72,7 @@ def _link_atomic(src: Path, dst: Path) -> None:
 
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -28,8 +28,8 @@ from torchvision.transforms import InterpolationMode
 
 from util.crop import RandomResizedCrop
 from util.dist import all_reduce_mean, get_rank, get_world_size
-from util.errors import BadImageError
-from util.misc import UsageError, seed_worker
+from util.errors import BadImageError, UsageError
+from util.seeding import seed_worker
 
 logger = logging.getLogger(__name__)
 

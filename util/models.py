@@ -18,7 +18,7 @@ import torch.nn as nn
 import models_mae
 import models_mixmim
 import models_vit
-from util.misc import UsageError
+from util.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,89 @@
+"""The entry scripts' command lines: the shared flags, their checks, args.json, and one-line errors at exit."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from util.dist import cleanup
+from util.errors import NonFiniteLossError, UsageError
+from util.files import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """The resolved arguments as plain JSON data (paths and devices become strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def save_args_json(args: argparse.Namespace, output_dir: str) -> None:
+    write_text_atomic(Path(output_dir) / "args.json", json.dumps(args_to_dict(args), indent=2, sort_keys=True) + "\n")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
+    """The distributed flags of the official scripts (same names and defaults), then this project's new flags."""
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", action="store_true")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--port", default=port, type=int, help="MASTER_PORT for SLURM launches (MixMIM)")
+
+    new = parser.add_argument_group("not in the official scripts")
+    new.add_argument(
+        "--amp", default=None, choices=["bf16", "fp16", "none"],
+        help="mixed precision; default bf16 on CUDA devices that support it, fp16 on older GPUs, none on CPU",
+    )
+    new.add_argument("--compile", action="store_true", help="torch.compile the model")
+    new.add_argument(
+        "--print_freq", default=20, type=int,
+        help="log a progress line, and read the losses back from the device, every N steps",
+    )
+    new.add_argument(
+        "--skip_bad_images", action="store_true",
+        help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
+             "stopping at the first one",
+    )
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """One-line errors for arguments that cannot work, before any work is done."""
+    for name in ("batch_size", "accum_iter", "epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if getattr(args, "input_size", 1) < 1:
+        raise UsageError(f"--input_size must be positive, got {args.input_size}")
+    if getattr(args, "save_freq", 1) < 1:
+        raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+    if args.print_freq < 1:
+        raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
+    if args.start_epoch < 0:
+        raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if getattr(args, "num_workers", 0) < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "nb_classes", 1) < 1:
+        raise UsageError(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UsageError(f"--data_path {args.data_path} does not exist")
+    if getattr(args, "finetune", "") and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist")
+
+
+def log_args(args: argparse.Namespace) -> None:
+    logger.info("job dir: %s", Path(__file__).resolve().parent.parent)
+    logger.info("arguments:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object]) -> None:
+    """Parse the command line and run ``main``; usage errors and non-finite losses end with one line, exit 1."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (UsageError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        cleanup()
+        sys.exit(1)
+    cleanup()
