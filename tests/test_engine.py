@@ -178,20 +178,28 @@ def test_training_step_reads_nothing_back_between_log_steps(monkeypatch, engine:
 
 
 def test_fp16_loss_scaler_gives_the_same_step_and_keeps_state() -> None:
-    """With a power-of-two scale, scaling then unscaling is exact: the update equals the unscaled one."""
+    """With a power-of-two scale, scaling then unscaling is exact: an SGD update (which moves by the gradient
+    itself) equals the unscaled one, and the norm is the unscaled gradient's. A step with an inf gradient is
+    skipped, its norm is inf, and the scale halves (GradScaler's backoff), as the official loss scaler."""
     results = []
     for enabled in (False, True):
         torch.manual_seed(0)
         model = nn.Linear(6, 3)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = NativeScalerWithGradNormCount(CPU, enabled=enabled)
         loss = model(torch.randn(4, 6)).pow(2).mean()
         norm = scaler(loss, opt, parameters=model.parameters())
-        results.append((model.weight.detach().clone(), norm, scaler.state_dict()))
-    (w0, n0, s0), (w1, n1, s1) = results
-    torch.testing.assert_close(w1, w0)
-    torch.testing.assert_close(n1, n0)
+        results.append((model.weight.detach().clone(), norm, scaler.state_dict(), scaler, model, opt))
+    (w0, n0, s0, *_), (w1, n1, s1, scaler, model, opt) = results
+    torch.testing.assert_close(w1, w0, rtol=0, atol=0)
+    torch.testing.assert_close(n1, n0, rtol=0, atol=0)
     assert s0 == {} and s1["scale"] == 65536.0
+
+    before = model.weight.detach().clone()
+    norm = scaler(model(torch.full((1, 6), float("inf"))).sum(), opt, parameters=model.parameters())
+    assert not torch.isfinite(norm)
+    assert torch.equal(model.weight.detach(), before)  # skipped
+    assert scaler.state_dict()["scale"] == 32768.0
 
 
 def test_grad_norm_and_clipping() -> None:

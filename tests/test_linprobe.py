@@ -56,4 +56,6 @@ def test_probe_training_leaves_the_encoder_as_pretrained(tmp_path: Path, family:
     assert not torch.equal(probed["head.0.running_mean"], torch.zeros_like(probed["head.0.running_mean"]))
     assert probed["head.0.num_batches_tracked"] == 4  # 2 epochs x 2 steps
     assert probed["head.1.bias"].abs().sum() > 0
+    # the head was re-initialised with trunc_normal(std 0.01) as MoCo v3 (LARS steps of a few 1e-3 relative since)
+    assert 0.008 < probed["head.1.weight"].std().item() < 0.012
     assert "head.0.weight" not in probed  # no affine parameters

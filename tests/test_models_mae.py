@@ -133,23 +133,11 @@ def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
     expected = (n - 1) / n * v / (v + 1e-6) / 64  # patch 0's loss, averaged over the 64 masked patches
     assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(expected, rel=1e-12)
 
-def test_every_trainable_parameter_gets_a_gradient():
-    torch.manual_seed(0)
-    model = tiny()
-    loss, _, _ = model(torch.randn(2, 3, 32, 32))
-    loss.backward()
-    assert not torch.isnan(loss)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert name in ("pos_embed", "decoder_pos_embed")
-
-
 @pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"])
-def test_official_checkpoint_keys_load_strictly(name):
+@pytest.mark.parametrize("suffix", ["", "_dec512d8b"])  # the official factories and their aliases
+def test_official_checkpoint_keys_load_strictly(name, suffix):
     with torch.device("meta"):
-        model = timm.create_model(name)
+        model = timm.create_model(name + suffix)
     ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert ours == list(OFFICIAL_KEYS[name].items())  # same names, shapes and order
     # strict load of an official-shaped state_dict (the mae_visualize_vit_*.pth layout)
@@ -157,13 +145,9 @@ def test_official_checkpoint_keys_load_strictly(name):
     model.load_state_dict(sd, strict=True, assign=True)
 
 
-def test_factories_accept_overrides_and_aliases():
+def test_factories_accept_overrides():
     m = timm.create_model("mae_vit_tiny_patch4", img_size=64, norm_pix_loss=True)
     assert m.patch_embed.num_patches == 256 and m.norm_pix_loss
-    with torch.device("meta"):
-        a = models_mae.mae_vit_base_patch16()
-        b = models_mae.mae_vit_base_patch16_dec512d8b()
-    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
 
 
 def test_wrong_input_size_is_a_clear_error():

@@ -214,22 +214,35 @@ def test_patchify_round_trip():
     p = model.patchify(x)
     assert p.shape == (2, 16, 16 * 16 * 3)
     assert torch.equal(model.unpatchify(p), x)
+    # the official layout: patches row-major, each patch's pixels (row, column, channel)
+    assert torch.equal(p[0, 1], x[0, :, 0:16, 16:32].permute(1, 2, 0).reshape(-1))
+    assert torch.equal(p[1, 4], x[1, :, 16:32, 0:16].permute(1, 2, 0).reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------- attention paths
 
 
-def test_sdpa_and_plain_attention_agree():
+def test_sdpa_and_plain_attention_agree(monkeypatch):
+    """The training run (mixing mask and relative-position bias) on both paths; the SDPA path does call
+    F.scaled_dot_product_attention in each of the 5 encoder blocks, the plain one in none (the 2 decoder blocks,
+    timm's, always do)."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
     torch.manual_seed(0)
     plain = models_mixmim.mixmim_tiny(fused_attn=False)
     fused = models_mixmim.mixmim_tiny(fused_attn=True)
     fused.load_state_dict(plain.state_dict())
     x = seeded_images()
     outs = []
-    for model in (plain, fused):
+    for model, expected_calls in ((plain, 2), (fused, 2 + 5)):
+        calls.clear()
         torch.manual_seed(2)
         random.seed(2)
         loss, x_rec, _ = model(x)
+        assert len(calls) == expected_calls
         loss.backward()
         outs.append((loss, x_rec, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (l1, r1, g1), (l2, r2, g2) = outs
@@ -311,14 +324,21 @@ def test_mix_mask_blocks_exactly_cross_image_pairs():
     assert blocked.sum() == 2 * 16 * 48 and not blocked.diagonal().any()
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    """use_checkpoint runs each encoder block (depths 1, 1, 2, 1: five) through torch.utils.checkpoint, with the
+    gradients of the plain run."""
+    calls = []
+    real = models_mixmim.checkpoint
+    monkeypatch.setattr(models_mixmim, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     torch.manual_seed(0)
     a = models_mixmim.mixmim_tiny()
     b = models_mixmim.mixmim_tiny(use_checkpoint=True)
     b.load_state_dict(a.state_dict())
     x = seeded_images(2)
-    for model in (a, b):
+    for model, expected_calls in ((a, 0), (b, 5)):
+        calls.clear()
         model(x, noise=torch.arange(16.0))[0].backward()
+        assert len(calls) == expected_calls
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
@@ -334,14 +354,22 @@ def test_tiny_models_on_32x32_train_every_parameter():
     loss, x_rec, mask = model(x)
     loss.backward()
     assert x_rec.shape == (4, 4, 16 * 16 * 3) and mask.shape == (1, 4, 1)
-    assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert mask.sum().item() == 2  # mask ratio 0.5 of the 4 output patches
+    target = model.patchify(x)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    unmixed = x_rec[:2] * mask + x_rec[2:].flip(0) * (1 - mask)  # the official forward_loss, written out
+    assert loss.item() == pytest.approx(((unmixed - target) ** 2).mean().item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
 
     clf = timm.create_model("mixmim_tiny_ft", num_classes=7, drop_path_rate=0.1, img_size=32)
     y = clf(x)
     y.sum().backward()
     assert y.shape == (2, 7)
-    assert all(p.grad is not None for p in clf.parameters() if p.requires_grad)
+    for name, p in clf.named_parameters():
+        if p.requires_grad:  # the fixed sin-cos table is not
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_KEYS))
@@ -357,7 +385,12 @@ def test_official_state_dicts_load_strictly(name):
 
 
 def test_finetune_names_resolve_to_classifiers():
-    for official, ours in models_mixmim.FINETUNE_NAMES.items():
+    """The official fine-tuning scripts' names (--model mixmim_base ...) are our *_ft classifiers."""
+    expected = {
+        "mixmim_base": "mixmim_base_ft", "mixmim_base_384": "mixmim_base_384_ft", "mixmim_large": "mixmim_large_ft",
+        "mixmim_large_384": "mixmim_large_384_ft", "mixmim_huge": "mixmim_huge_ft", "mixmim_tiny": "mixmim_tiny_ft",
+    }
+    for official, ours in expected.items():
         assert timm.is_model(official) == (not official.endswith("_384"))
         assert models_mixmim.finetune_model_name(official) == ours
         with torch.device("meta"):

@@ -63,6 +63,7 @@ def test_linear_probe_optimises_the_head_only() -> None:
     opt = linprobe_optimizer(model.head, lr=0.1, weight_decay=0.0)
     params = [p for g in opt.param_groups for p in g["params"]]
     assert isinstance(opt, LARS)
+    assert opt.defaults == {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "trust_coefficient": 0.001}
     assert {id(p) for p in params} == {id(model.head[1].weight), id(model.head[1].bias)}
 
 
