@@ -103,6 +103,22 @@ def test_flops_only_counts_on_the_meta_device_what_a_real_device_counts(
     assert row["images_per_s_at_peak"] == pytest.approx(989e12 / real)
 
 
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("vit_base_patch16", 86_567_656),  # ViT-B/16 with a 1000-class head, the figure of the ViT paper's model
+        # vit_tiny_patch4 (10 classes): patch embedding, cls token, 65 positions, 6 blocks of width 192 with MLP
+        # ratio 4 (2 norms, qkv, proj, fc1, fc2), the final norm, the head
+        ("vit_tiny_patch4", (3 * 16 * 192 + 192) + 192 + 65 * 192
+         + 6 * (4 * 192 + (192 * 576 + 576) + (192 * 192 + 192) + (192 * 768 + 768) + (768 * 192 + 192))
+         + 2 * 192 + (192 * 1000 + 1000)),
+    ],
+)
+def test_flops_only_counts_the_parameters(name: str, params: int, restore_log_levels) -> None:
+    (row,) = bench_train.main(bench_train.get_args_parser().parse_args(["--flops-only", "--models", name]))
+    assert row["params_m"] == pytest.approx(params / 1e6, rel=1e-12)
+
+
 def test_flops_only_names_the_model_it_cannot_count(restore_log_levels) -> None:
     argv = ["--flops-only", "--models", "mae_vit_nope"]
     with pytest.raises(SystemExit, match="cannot count mae_vit_nope: Unknown model"):

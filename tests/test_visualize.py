@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -54,8 +55,9 @@ def test_mae_panels(tmp_path, official):
     # the first tile is the input image, as loaded (resized to 32x32) and upscaled
     tile = Image.open(paths[0]).crop((visualize.GAP, visualize.TITLE_HEIGHT + visualize.GAP,
                                       visualize.GAP + 128, visualize.TITLE_HEIGHT + visualize.GAP + 128))
-    expected = visualize.to_pil(visualize.load_images(images[:1], 32)[0], scale)
-    assert tile.tobytes() == expected.tobytes()
+    expected = Image.open(images[0]).convert("RGB").resize((32, 32), Image.BICUBIC).resize((128, 128), Image.NEAREST)
+    diff = np.abs(np.asarray(tile, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert diff.max() <= 1  # normalised and back: at most a rounding step
 
 
 def test_mae_reconstruct_invariants():
