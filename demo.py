@@ -7,12 +7,13 @@
    reconstructions of test images (``reconstructions.png``, see ``visualize.py``).
 
 Every stage takes its flags from the project's own entry script's parser (``main_pretrain.py``, ``main_linprobe.py``,
-``main_finetune.py``; the equivalent command of each stage is logged and its ``args.json`` saved) and runs the
-scripts' building blocks: the model builders, the ``--finetune`` loader, the optimisers and lr schedules, and the
-engines' ``train_one_epoch`` and ``evaluate``. No second training loop. The data are read with torchvision's
-``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package, or any folder holding the same files) and kept in
-memory as tensors (padded to 32x32, 3 channels, random flips for training); the linear probe trains on the frozen
-encoder's features computed once. README's "Demo" lists what differs from running the scripts on an ImageFolder.
+``main_finetune.py``; the equivalent command of each stage is logged and its ``args.json`` saved). Pretraining and
+fine-tuning are the scripts' ``main(args, datasets)`` on the in-memory sets; the linear probe runs the scripts'
+building blocks (the model builder, the ``--finetune`` loader, the probe head, LARS, the engine's
+``train_one_epoch`` and ``evaluate``) on the frozen encoder's features, computed once. The data are read with
+torchvision's ``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package, or any folder holding the same files)
+and kept in memory as tensors (padded to 32x32, 3 channels, random flips for training). docs/demo.md ("What differs
+from running the scripts") lists what differs from running them on an ImageFolder.
 
     python demo.py                       # MAE, ~12 min on 2 CPU cores
     python demo.py --family mixmim       # the same with mixmim_tiny (64x64 inputs)
@@ -31,24 +32,22 @@ import torch
 from torch.utils.data import TensorDataset
 
 import engine_finetune
-import engine_pretrain
 import main_finetune
 import main_linprobe
 import main_pretrain
 import visualize
 from engine_finetune import evaluate
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
-from util.amp import autocast, resolve_amp
+from util.amp import autocast
 from util.checkpoint import LAST, load_pretrained, save_checkpoint
-from util.cli import save_args_json, validate_common_args
 from util.datasets import train_loader, val_loader
-from util.dist import cleanup, get_rank, init_distributed_mode, setup_logging
+from util.dist import cleanup, setup_logging
 from util.errors import NonFiniteLossError, UsageError
 from util.fashion_mnist import DEFAULT_DATA_PATH, FashionMNISTImages, prepare_root
-from util.files import append_log_line, check_output_dir
-from util.models import build_classifier, build_pretrain_model
-from util.optim import absolute_lr, finetune_optimizer, linprobe_optimizer, pretrain_optimizer
-from util.seeding import epoch_seed, seed_everything
+from util.files import append_log_line
+from util.models import add_probe_head, build_classifier
+from util.optim import linprobe_optimizer, scaled_lr
+from util.run import begin_epoch, open_outputs, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +172,7 @@ def load_data(args: argparse.Namespace) -> dict[str, FashionMNISTImages]:
 def stage_args(script, cli: list[str]) -> argparse.Namespace:
     """The stage's arguments: ``cli`` parsed by the script's own parser (so every other flag has its default)."""
     logger.info("=== %s with %s", Path(script.__file__).name, shlex.join(cli))
-    args = script.get_args_parser().parse_args(cli)
-    init_distributed_mode(args)  # single process here: sets world_size, rank, device
-    args.amp = resolve_amp(args.amp, torch.device(args.device))
-    if hasattr(script, "resolve_args"):  # the model's registered name and its family's defaults
-        script.resolve_args(args)
-    validate_common_args(args)
-    check_output_dir(args.output_dir)
-    save_args_json(args, args.output_dir)
-    return args
+    return script.get_args_parser().parse_args(cli)
 
 
 def common_flags(
@@ -197,19 +188,8 @@ def common_flags(
     return flags
 
 
-def run_epochs(args: argparse.Namespace, loader, train_epoch) -> dict[str, float]:
-    """The scripts' epoch loop: reshuffle and reseed per epoch (as in ``main``), one engine epoch, log line."""
-    stats: dict[str, float] = {}
-    for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
-        seed_everything(epoch_seed(args.seed, get_rank(), epoch))
-        stats = train_epoch(epoch)
-        append_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
-    return stats
-
-
 def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
-    """``main_pretrain.py``'s model, optimizer, schedule and engine on ``dataset``; returns the checkpoint."""
+    """``main_pretrain.py`` on ``dataset``; returns the checkpoint."""
     cli = common_flags(args, Path(args.output_dir) / "pretrain", args.pretrain_epochs, args.pretrain_blr) + [
         "--model", args.pretrain_model, "--mask_ratio", str(args.mask_ratio),
         "--warmup_epochs", str(args.pretrain_warmup_epochs),
@@ -217,18 +197,7 @@ def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
     if args.norm_pix_loss:
         cli.append("--norm_pix_loss")
     pargs = stage_args(main_pretrain, cli + shlex.split(args.pretrain_args))
-    main_pretrain.validate_args(pargs)
-    device = torch.device(pargs.device)
-    seed_everything(pargs.seed)
-    loader = train_loader(dataset, pargs, device)
-    model = build_pretrain_model(pargs.model_name, pargs.input_size, norm_pix_loss=pargs.norm_pix_loss).to(device)
-    pargs.lr = absolute_lr(pargs.lr, pargs.blr, pargs.batch_size, pargs.accum_iter, 1)
-    optimizer = pretrain_optimizer(model, pargs.lr, pargs.weight_decay, device)
-    scaler = NativeScaler(device, enabled=pargs.amp == "fp16")
-    run_epochs(pargs, loader, lambda epoch: engine_pretrain.train_one_epoch(
-        model, loader, optimizer, device, epoch, scaler, args=pargs
-    ))
-    save_checkpoint(pargs, pargs.epochs - 1, model, optimizer, scaler, numbered=True)
+    main_pretrain.main(pargs, dataset_train=dataset)
     return Path(pargs.output_dir) / LAST
 
 
@@ -256,32 +225,33 @@ def linprobe(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
     if checkpoint is not None:
         cli += ["--finetune", str(checkpoint)]
     largs = stage_args(main_linprobe, cli + shlex.split(args.linprobe_args))
-    device = torch.device(largs.device)
-    seed_everything(largs.seed)
-    model = build_classifier(largs.model, largs.input_size, largs.nb_classes, 0.0, largs.global_pool)
+    device = start_run(largs, main_linprobe.check_args)
+    open_outputs(largs)  # args.json
+    model = build_classifier(largs.model_name, largs.input_size, largs.nb_classes, 0.0, largs.global_pool, device)
     if largs.finetune:
         load_pretrained(model, largs.finetune, head_init_std=0.01)  # as main_linprobe.py
-    main_linprobe.add_probe_head(model)
+    add_probe_head(model)
     model.to(device)
     train_feats = extract_features(model, data["labelled"], largs, device)
     test_feats = extract_features(model, data["test"], largs, device)
 
     head = model.head  # BatchNorm1d (no affine) + Linear
-    largs.lr = absolute_lr(largs.lr, largs.blr, largs.batch_size, largs.accum_iter, 1)
+    largs.lr = scaled_lr(largs)
     optimizer = linprobe_optimizer(head, largs.lr, largs.weight_decay)
     scaler = NativeScaler(device, enabled=largs.amp == "fp16")
     loader = train_loader(train_feats, largs, device)
     criterion = torch.nn.CrossEntropyLoss()
     largs.print_freq = 10**9  # an epoch takes milliseconds: one summary line each is enough
-    run_epochs(largs, loader, lambda epoch: engine_finetune.train_one_epoch(
-        head, criterion, loader, optimizer, device, epoch, scaler, args=largs
-    ))
+    for epoch in range(largs.epochs):
+        begin_epoch(loader, largs, epoch)
+        stats = engine_finetune.train_one_epoch(head, criterion, loader, optimizer, device, epoch, scaler, args=largs)
+        append_log_line(largs.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
     save_checkpoint(largs, largs.epochs - 1, model, optimizer, scaler, numbered=False)
     return evaluate(val_loader(test_feats, largs, device), head, device, largs.amp, largs.print_freq)["acc1"]
 
 
 def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag: str) -> float:
-    """``main_finetune.py``'s model, layer-wise lr decay, AdamW, criterion and engine; top-1 on the test set."""
+    """``main_finetune.py`` on the demo's fine-tuning and test sets; top-1 on the test set."""
     cli = common_flags(
         args, Path(args.output_dir) / f"finetune_{tag}", args.finetune_epochs, args.finetune_blr,
         args.finetune_batch_size,
@@ -290,23 +260,7 @@ def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
     if checkpoint is not None:
         cli += ["--finetune", str(checkpoint)]
     fargs = stage_args(main_finetune, cli + shlex.split(args.finetune_args))
-    device = torch.device(fargs.device)
-    seed_everything(fargs.seed)
-    model = build_classifier(fargs.model, fargs.input_size, fargs.nb_classes, fargs.drop_path, fargs.global_pool)
-    if fargs.finetune:
-        load_pretrained(model, fargs.finetune, head_init_std=2e-5)  # as main_finetune.py
-    model.to(device)
-    fargs.lr = absolute_lr(fargs.lr, fargs.blr, fargs.batch_size, fargs.accum_iter, 1)
-    optimizer = finetune_optimizer(model, fargs.lr, fargs.weight_decay, fargs.layer_decay, device)
-    scaler = NativeScaler(device, enabled=fargs.amp == "fp16")
-    mixup_fn = main_finetune.build_mixup(fargs)
-    criterion = main_finetune.build_criterion(fargs, mixup_fn)
-    loader = train_loader(data["finetune"], fargs, device)
-    run_epochs(fargs, loader, lambda epoch: engine_finetune.train_one_epoch(
-        model, criterion, loader, optimizer, device, epoch, scaler, fargs.clip_grad, mixup_fn, args=fargs
-    ))
-    save_checkpoint(fargs, fargs.epochs - 1, model, optimizer, scaler, numbered=False)
-    return evaluate(val_loader(data["test"], fargs, device), model, device, fargs.amp, fargs.print_freq)["acc1"]
+    return main_finetune.main(fargs, dataset_train=data["finetune"], dataset_val=data["test"])["acc1"]
 
 
 def save_reconstructions(args: argparse.Namespace, checkpoint: Path, test: FashionMNISTImages) -> None:

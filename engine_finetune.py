@@ -1,7 +1,9 @@
 """One epoch of supervised training (fine-tuning or linear probing) and evaluation with top-1/top-5."""
 
 import argparse
+import datetime
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,6 +15,7 @@ from util import faults
 from util.amp import autocast
 from util.dist import get_world_size, maybe_no_sync
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
+from util.run import begin_epoch, log_epoch, save_epoch_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +44,13 @@ def train_one_epoch(
 
     metrics = StepMetrics(metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "loss")
     optimizer.zero_grad(set_to_none=True)
+    kill_at = faults.step_killer()
     images_per_step = args.batch_size * get_world_size()
     for step, (samples, targets) in enumerate(
         metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)
     ):
-        faults.kill_point("step", epoch * steps + step)  # tests only (MAE_FAULT_INJECT)
+        if kill_at is not None:  # tests only (MAE_FAULT_INJECT)
+            kill_at(epoch * steps + step)
         if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         max_lr = max(group["lr"] for group in optimizer.param_groups)
@@ -93,3 +98,54 @@ def evaluate(
     stats = metric_logger.global_averages()
     logger.info("* Acc@1 %.3f Acc@5 %.3f loss %.3f", stats["acc1"], stats["acc5"], stats["loss"])
     return stats
+
+
+def fit(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_scaler,
+    mixup_fn: Callable | None,
+    data_loader_train: Iterable,
+    data_loader_val: Iterable,
+    n_parameters: int,
+    device: torch.device,
+    max_norm: float | None,
+    log_writer: SummaryWriter | None = None,
+) -> dict[str, float]:
+    """The epochs of fine-tuning or linear probing from ``--start_epoch``: train, checkpoint, evaluate, log;
+    returns the last evaluation (acc1, acc5, loss)."""
+    logger.info("Start training for %d epochs", args.epochs)
+    start_time = time.time()
+    max_accuracy = 0.0
+    test_stats: dict[str, float] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        begin_epoch(data_loader_train, args, epoch)
+        train_stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+            max_norm, mixup_fn, log_writer=log_writer, args=args,
+        )
+        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
+
+        test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)",
+                    len(data_loader_val.dataset), test_stats["acc1"], max_accuracy)
+        if log_writer is not None:
+            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
+            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
+            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
+
+        log_stats = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items()},
+            "epoch": epoch,
+            "n_parameters": n_parameters,
+        }
+        loaders = {"train": (data_loader_train, True), "test": (data_loader_val, args.dist_eval)}
+        log_epoch(args, log_writer, log_stats, loaders, device)
+    if log_writer is not None:
+        log_writer.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    return test_stats

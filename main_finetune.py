@@ -6,27 +6,20 @@
 """
 
 import argparse
-import datetime
 import logging
-import time
 
-import torch
-from timm.data.mixup import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.tensorboard import SummaryWriter
+from torch.utils.data import Dataset
 
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
-from util.amp import resolve_amp
-from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
-from util.cli import add_runtime_args, log_args, run_cli, save_args_json, validate_common_args
-from util.datasets import build_dataset, check_num_classes, skipped_images, train_loader, val_loader
-from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
-from util.errors import UsageError
-from util.files import append_log_line, check_output_dir
+from util.checkpoint import load_pretrained, load_resume
+from util.cli import add_runtime_args, run_cli, validate_common_args
+from util.datasets import build_dataset, check_num_classes, train_loader, val_loader
+from util.dist import wrap_ddp
+from util.mixup import build_criterion, build_mixup
 from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
-from util.optim import absolute_lr, finetune_optimizer
-from util.seeding import epoch_seed, seed_everything
+from util.optim import finetune_optimizer, scaled_lr
+from util.run import open_outputs, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -127,58 +120,38 @@ def resolve_args(args: argparse.Namespace) -> None:
         args.save_freq = family_defaults(args.model_name).finetune_save_freq
 
 
-def build_mixup(args: argparse.Namespace) -> Mixup | None:
-    """timm's Mixup/CutMix (with label smoothing folded into the soft targets), if enabled."""
-    if not (args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None):
-        return None
-    if args.batch_size % 2 != 0:
-        raise UsageError(f"mixup/cutmix needs an even --batch_size, got {args.batch_size}")
-    logger.info("Mixup is activated!")
-    return Mixup(
-        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-        label_smoothing=args.smoothing, num_classes=args.nb_classes,
-    )
-
-
-def build_criterion(args: argparse.Namespace, mixup_fn: Mixup | None) -> torch.nn.Module:
-    if mixup_fn is not None:
-        return SoftTargetCrossEntropy()  # smoothing is in the mixup targets
-    if args.smoothing > 0.0:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    return torch.nn.CrossEntropyLoss()
-
-
-def main(args: argparse.Namespace) -> dict[str, float]:
-    """Fine-tune (or with ``--eval`` only evaluate); returns the last test stats (acc1, acc5, loss)."""
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    args.amp = resolve_amp(args.amp, device)
+def check_args(args: argparse.Namespace) -> None:
     resolve_args(args)
     validate_common_args(args)
     check_buildable(args.model_name, args.input_size)
-    if not args.eval:
-        check_output_dir(args.output_dir)
-        check_output_dir(args.log_dir, "--log_dir")
-    resolve_resume(args)
+
+
+def main(
+    args: argparse.Namespace, dataset_train: Dataset | None = None, dataset_val: Dataset | None = None
+) -> dict[str, float]:
+    """Fine-tune (or with ``--eval`` only evaluate); returns the last test stats (acc1, acc5, loss).
+
+    ``dataset_train`` / ``dataset_val``: (image, label) datasets to use instead of the ImageFolders under
+    ``--data_path`` (their images go to the model as they are: normalised float tensors).
+    """
+    device = start_run(args, check_args, writes=not args.eval)
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates a randomly initialised model")
-    log_args(args)
 
-    seed_everything(args.seed + get_rank())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    dataset_val = build_dataset(is_train=False, args=args)
+    if dataset_val is None:
+        dataset_val = build_dataset(is_train=False, args=args)
     check_num_classes(dataset_val, args.nb_classes)
     data_loader_val = val_loader(dataset_val, args, device)
     if not args.eval:
-        dataset_train = build_dataset(is_train=True, args=args)
+        if dataset_train is None:
+            dataset_train = build_dataset(is_train=True, args=args)
         check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
     mixup_fn = build_mixup(args)
 
-    model = build_classifier(args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool)
+    model = build_classifier(
+        args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool, device
+    )
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=2e-5)
     model.to(device)
@@ -186,21 +159,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Model = %s", model_without_ddp)
     logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
-
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
-    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
-    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+    args.lr = scaled_lr(args)
 
     model = wrap_ddp(model, args)
     if args.compile:
         model = compile_model(model)
-
     optimizer = finetune_optimizer(model_without_ddp, args.lr, args.weight_decay, args.layer_decay, device)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = build_criterion(args, mixup_fn)
     logger.info("criterion = %s", criterion)
-
     load_resume(args, model_without_ddp, optimizer, loss_scaler)
 
     if args.eval:
@@ -208,62 +175,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         logger.info("Accuracy of the network on the %d test images: %.1f%%", len(dataset_val), test_stats["acc1"])
         return test_stats
 
-    return fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, mixup_fn,
-               data_loader_train, data_loader_val, n_parameters, device, max_norm=args.clip_grad)
-
-
-def fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, mixup_fn,
-        data_loader_train, data_loader_val, n_parameters: int, device: torch.device,
-        max_norm: float | None) -> dict[str, float]:
-    """The epoch loop shared by fine-tuning and linear probing: train, checkpoint, evaluate, log."""
-    log_writer = None
-    if is_main_process():
-        if args.output_dir:
-            save_args_json(args, args.output_dir)
-        if args.log_dir:
-            log_writer = SummaryWriter(log_dir=args.log_dir)
-
-    logger.info("Start training for %d epochs", args.epochs)
-    start_time = time.time()
-    max_accuracy = 0.0
-    test_stats: dict[str, float] = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        data_loader_train.sampler.set_epoch(epoch)
-        seed_everything(epoch_seed(args.seed, get_rank(), epoch))
-        train_stats = train_one_epoch(
-            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-            max_norm, mixup_fn, log_writer=log_writer, args=args,
-        )
-        numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
-        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
-
-        test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)",
-                    len(data_loader_val.dataset), test_stats["acc1"], max_accuracy)
-        if log_writer is not None:
-            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
-            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
-            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
-
-        log_stats = {
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()},
-            "epoch": epoch,
-            "n_parameters": n_parameters,
-        }
-        if args.skip_bad_images:
-            log_stats["train_skipped_images"] = skipped_images(data_loader_train, device)
-            log_stats["test_skipped_images"] = skipped_images(data_loader_val, device, sharded=args.dist_eval)
-        if args.output_dir and is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            append_log_line(args.output_dir, log_stats)
-
-    if log_writer is not None:
-        log_writer.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
-    return test_stats
+    log_writer = open_outputs(args)
+    return fit(args, model, criterion, optimizer, loss_scaler, mixup_fn, data_loader_train, data_loader_val,
+               n_parameters, device, max_norm=args.clip_grad, log_writer=log_writer)
 
 
 if __name__ == "__main__":

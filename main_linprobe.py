@@ -12,19 +12,17 @@ import logging
 import os
 
 import torch
+from torch.utils.data import Dataset
 
-from engine_finetune import evaluate
-from main_finetune import fit
+from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
-from util.amp import resolve_amp
-from util.checkpoint import load_pretrained, load_resume, resolve_resume
-from util.cli import add_runtime_args, log_args, run_cli, validate_common_args
+from util.checkpoint import load_pretrained, load_resume
+from util.cli import add_runtime_args, run_cli, validate_common_args
 from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
-from util.dist import get_rank, init_distributed_mode, wrap_ddp
-from util.files import check_output_dir
-from util.models import build_classifier, check_buildable, compile_model, resolve_classifier_name
-from util.optim import absolute_lr, linprobe_optimizer
-from util.seeding import seed_everything
+from util.dist import wrap_ddp
+from util.models import add_probe_head, build_classifier, check_buildable, compile_model, resolve_classifier_name
+from util.optim import linprobe_optimizer, scaled_lr
+from util.run import open_outputs, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -88,45 +86,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_probe_head(model: torch.nn.Module) -> None:
-    """Replace ``model.head`` by BatchNorm1d (no affine, eps 1e-6) + the head, and freeze everything else."""
-    model.head = torch.nn.Sequential(
-        torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head
-    )
-    for p in model.parameters():
-        p.requires_grad = False
-    for p in model.head.parameters():
-        p.requires_grad = True
-
-
-def main(args: argparse.Namespace) -> dict[str, float]:
-    """Train a linear probe (or with ``--eval`` only evaluate one); returns the last test stats."""
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    args.amp = resolve_amp(args.amp, device)
+def check_args(args: argparse.Namespace) -> None:
     validate_common_args(args)
     args.model_name = resolve_classifier_name(args.model)
     check_buildable(args.model_name, args.input_size)
-    if not args.eval:
-        check_output_dir(args.output_dir)
-        check_output_dir(args.log_dir, "--log_dir")
-    resolve_resume(args)
-    log_args(args)
 
-    seed_everything(args.seed + get_rank())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
-    dataset_val = image_folder(os.path.join(args.data_path, "val"), eval_transform(args.input_size))
+def main(
+    args: argparse.Namespace, dataset_train: Dataset | None = None, dataset_val: Dataset | None = None
+) -> dict[str, float]:
+    """Train a linear probe (or with ``--eval`` only evaluate one); returns the last test stats.
+
+    ``dataset_train`` / ``dataset_val``: (image, label) datasets to use instead of the ImageFolders under
+    ``--data_path`` (their images go to the model as they are: normalised float tensors).
+    """
+    device = start_run(args, check_args, writes=not args.eval)
+    if dataset_val is None:
+        dataset_val = image_folder(os.path.join(args.data_path, "val"), eval_transform(args.input_size))
     check_num_classes(dataset_val, args.nb_classes)
     data_loader_val = val_loader(dataset_val, args, device)
     data_loader_train = None
     if not args.eval:
-        dataset_train = image_folder(os.path.join(args.data_path, "train"), linprobe_transform(args.input_size))
+        if dataset_train is None:
+            dataset_train = image_folder(os.path.join(args.data_path, "train"), linprobe_transform(args.input_size))
         check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
 
-    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool)
+    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool, device)
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)
@@ -135,21 +121,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Model = %s", model_without_ddp)
     logger.info("number of params (M): %.2f", n_parameters / 1.0e6)
-
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
-    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
-    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+    args.lr = scaled_lr(args)
 
     model = wrap_ddp(model, args)
     if args.compile:
         model = compile_model(model)
-
     optimizer = linprobe_optimizer(model_without_ddp.head, args.lr, args.weight_decay)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
-
     load_resume(args, model_without_ddp, optimizer, loss_scaler)
 
     if args.eval:
@@ -157,8 +137,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         logger.info("Accuracy of the network on the %d test images: %.1f%%", len(dataset_val), test_stats["acc1"])
         return test_stats
 
-    return fit(args, model, model_without_ddp, criterion, optimizer, loss_scaler, None,
-               data_loader_train, data_loader_val, n_parameters, device, max_norm=None)
+    log_writer = open_outputs(args)
+    return fit(args, model, criterion, optimizer, loss_scaler, None, data_loader_train, data_loader_val,
+               n_parameters, device, max_norm=None, log_writer=log_writer)
 
 
 if __name__ == "__main__":

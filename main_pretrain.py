@@ -7,22 +7,17 @@ CPU:              python main_pretrain.py --device cpu ...  (gloo under torchrun
 """
 
 import argparse
-import datetime
 import logging
-import time
 
-import torch
-from torch.utils.tensorboard import SummaryWriter
+from torch.utils.data import Dataset
 
-from engine_pretrain import train_one_epoch
+from engine_pretrain import fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
-from util.amp import resolve_amp
-from util.checkpoint import load_pretrained, load_resume, resolve_resume, save_checkpoint
-from util.cli import add_runtime_args, log_args, run_cli, save_args_json, validate_common_args
-from util.datasets import image_folder, pretrain_transform, skipped_images, train_loader
-from util.dist import get_rank, init_distributed_mode, is_main_process, wrap_ddp
+from util.checkpoint import load_pretrained, load_resume
+from util.cli import add_runtime_args, run_cli, validate_common_args
+from util.datasets import image_folder, pretrain_transform, train_loader
+from util.dist import wrap_ddp
 from util.errors import UsageError
-from util.files import append_log_line, check_output_dir
 from util.models import (
     build_pretrain_model,
     check_buildable,
@@ -31,8 +26,8 @@ from util.models import (
     family_of,
     resolve_pretrain_name,
 )
-from util.optim import absolute_lr, pretrain_optimizer
-from util.seeding import epoch_seed, seed_everything
+from util.optim import pretrain_optimizer, scaled_lr
+from util.run import open_outputs, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -114,80 +109,42 @@ def validate_args(args: argparse.Namespace) -> None:
     check_buildable(args.model_name, args.input_size)
 
 
-def main(args: argparse.Namespace) -> dict[str, float]:
-    """Pretrain as the arguments say; returns the last epoch's training averages."""
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    args.amp = resolve_amp(args.amp, device)
+def check_args(args: argparse.Namespace) -> None:
     resolve_args(args)
     validate_args(args)
-    check_output_dir(args.output_dir)
-    check_output_dir(args.log_dir, "--log_dir")
-    resolve_resume(args)
-    log_args(args)
 
-    seed_everything(args.seed + get_rank())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
-    # uint8 images, normalised on the device by the engine
-    dataset_train = image_folder(
-        f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size, normalize=False)
-    )
+def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict[str, float]:
+    """Pretrain as the arguments say; returns the last epoch's training averages.
+
+    ``dataset_train``: images (and ignored labels) to pretrain on instead of the ImageFolder at
+    ``--data_path/train``; uint8 (C, H, W) images are normalised on the device, float ones are taken as they are.
+    """
+    device = start_run(args, check_args)
+    if dataset_train is None:  # uint8 images, normalised on the device by the engine
+        dataset_train = image_folder(
+            f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size, normalize=False)
+        )
     data_loader_train = train_loader(dataset_train, args, device)
 
-    model = build_pretrain_model(args.model_name, args.input_size, norm_pix_loss=args.norm_pix_loss)
+    model = build_pretrain_model(args.model_name, args.input_size, device, norm_pix_loss=args.norm_pix_loss)
     if args.finetune:
         load_pretrained(model, args.finetune, classifier=False)
     model.to(device)
     model_without_ddp = model
     logger.info("Model = %s", model_without_ddp)
-
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
-    args.lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
-    logger.info("base lr: %.2e, actual lr: %.2e", args.lr * 256 / eff_batch_size, args.lr)
-    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+    args.lr = scaled_lr(args)
 
     model = wrap_ddp(model, args)
     if args.compile:
         model = compile_model(model)
-
     optimizer = pretrain_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     load_resume(args, model_without_ddp, optimizer, loss_scaler)
 
-    log_writer = None
-    if is_main_process():
-        if args.output_dir:
-            save_args_json(args, args.output_dir)
-        if args.log_dir:
-            log_writer = SummaryWriter(log_dir=args.log_dir)
-
-    logger.info("Start training for %d epochs", args.epochs)
-    start_time = time.time()
-    train_stats: dict[str, float] = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        data_loader_train.sampler.set_epoch(epoch)
-        seed_everything(epoch_seed(args.seed, get_rank(), epoch))
-        train_stats = train_one_epoch(
-            model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args
-        )
-        numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
-        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
-
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if args.skip_bad_images:
-            log_stats["train_skipped_images"] = skipped_images(data_loader_train, device)
-        if args.output_dir and is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            append_log_line(args.output_dir, log_stats)
-
-    if log_writer is not None:
-        log_writer.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
-    return train_stats
+    log_writer = open_outputs(args)
+    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ mask tokens) and the loss is computed on every patch of every image after puttin
 Attention: the relative-position bias and the mixing mask form one additive mask. The mixing part is built once per
 stage per forward (the official code rebuilds it in every block, at batch size); each block adds its own bias
 table to it at window count, not batch, size. Two attention paths compute the same thing: plain matmul-softmax, and
-``F.scaled_dot_product_attention``. The default (``FUSED_ATTN = None``) picks SDPA on CUDA and the plain path
-elsewhere: on CPU SDPA with a float bias falls back to its math kernel and measured slower
-(``benchmarks/bench_mixmim_attention.py``).
+``F.scaled_dot_product_attention``. Each attention module picks its path when it is built, as timm's: ``fused_attn``
+given to the factory, else timm's ``use_fused_attn()`` (SDPA; ``TIMM_FUSED_ATTN=0`` in the environment turns it off).
+On the CPU SDPA with a float bias runs its math kernel, a few per cent slower than the plain path for MixMIM-B
+(``benchmarks/bench_mixmim_attention.py``); the scripts' model builders (util/models.py) pick the plain path
+there.
 
 Shape legend:
     B  batch size
@@ -39,33 +41,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_, use_fused_attn
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from models_mae import drop_timm_kwargs, init_weights_xavier
 from util.pos_embed import get_2d_sincos_pos_embed
-
-# Attention path for every WindowAttention whose own ``fused_attn`` is None: True = SDPA, False = plain,
-# None = SDPA on CUDA and plain elsewhere (chosen by measurement, see the module docstring).
-FUSED_ATTN: bool | None = None
-
-# ``--model NAME`` of the official fine-tuning script -> our classifier factory (the official code registers the
-# pretraining and fine-tuning models under the same names in two modules; here they live side by side).
-FINETUNE_NAMES: dict[str, str] = {
-    "mixmim_base": "mixmim_base_ft",
-    "mixmim_base_384": "mixmim_base_384_ft",
-    "mixmim_large": "mixmim_large_ft",
-    "mixmim_large_384": "mixmim_large_384_ft",
-    "mixmim_huge": "mixmim_huge_ft",
-    "mixmim_tiny": "mixmim_tiny_ft",
-}
-
-
-def finetune_model_name(name: str) -> str:
-    """The classifier to build for ``main_finetune.py --model name``: official names map to ``*_ft``."""
-    return FINETUNE_NAMES.get(name, name)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -122,7 +104,7 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.fused_attn = fused_attn
+        self.fused_attn = use_fused_attn() if fused_attn is None else fused_attn  # SDPA or plain, fixed here
 
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads)
@@ -143,10 +125,6 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table.index_select(0, self.relative_position_index.view(-1))  # (N*N, nH)
         return bias.view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
 
-    def use_sdpa(self, x: torch.Tensor) -> bool:
-        choice = self.fused_attn if self.fused_attn is not None else FUSED_ATTN
-        return x.device.type == "cuda" if choice is None else choice
-
     def forward(self, x: torch.Tensor, mix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B*nW, N, D) windows; mix_mask: (nW, 1, N, N) additive mask from ``window_mix_mask``, or None."""
         Bw, N, D = x.shape
@@ -161,7 +139,7 @@ class WindowAttention(nn.Module):
         # fold the M windows the mask varies over into the head dim, so the mask broadcasts over the batch
         attn_mask = attn_mask.reshape(1, M * nH, N, N)
 
-        if self.use_sdpa(x):
+        if self.fused_attn:
             q, k, v = (t.reshape(-1, M * nH, N, D // nH) for t in (q, k, v))  # (B*nW/M, M*nH, N, hd)
             attn_mask = attn_mask.to(q.dtype)
             if attn_mask.is_cuda and N % 16:
@@ -631,7 +609,8 @@ class MixMIMClassifier(MixMIMEncoder):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# factories (official names; the classifiers carry an ``_ft`` suffix, see FINETUNE_NAMES)
+# factories (official names; the classifiers carry an ``_ft`` suffix: util/models.py maps the official
+# fine-tuning names, which the official code registers in a second module, to them)
 
 _BASE = dict(embed_dim=128, num_heads=[4, 8, 16, 32])
 _LARGE = dict(embed_dim=192, num_heads=[6, 12, 24, 48])

@@ -34,7 +34,7 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
-from util.models import build_pretrain_model, resolve_pretrain_name
+from util.models import build_pretrain_model, family_of, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ TITLE_HEIGHT = 14  # pixels above the panels for their titles
 
 
 def is_mixmim(model: nn.Module) -> bool:
-    return hasattr(model, "unmix")
+    return family_of(model) == "mixmim"
 
 
 def _denorm_patches(model: nn.Module, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import itertools
 import json
 import logging
@@ -59,7 +58,7 @@ import models_mae  # noqa: E402,F401  (registers the models with timm)
 import models_mixmim  # noqa: E402,F401
 import models_vit  # noqa: E402,F401
 from util.amp import NativeScalerWithGradNormCount, autocast  # noqa: E402
-from util.models import compile_model  # noqa: E402
+from util.models import compile_model, family_defaults, is_pretrain_model  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 
@@ -93,11 +92,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="only count the FLOPs per image, on the meta device (no weights, no timing; seconds even for ViT-H)",
     )
     return p
-
-
-def is_pretrain_model(model: nn.Module) -> bool:
-    """Pretraining models return (loss, pred, mask); classifiers return logits."""
-    return hasattr(model, "forward_decoder")
 
 
 def build_model(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -150,9 +144,8 @@ def make_step(
 
 
 def default_mask_ratio(model: nn.Module) -> float:
-    """The ``mask_ratio`` default of a pretraining model's ``forward`` (MAE 0.75, MixMIM 0.5), compiled or not."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper has a generic forward signature
-    return inspect.signature(inner.forward).parameters["mask_ratio"].default
+    """The family's official mask ratio (MAE 0.75, MixMIM 0.5), as main_pretrain.py's default; compiled or not."""
+    return family_defaults(model).mask_ratio
 
 
 def mask_ratio_for(model: nn.Module, mask_ratio: float | None) -> float | None:

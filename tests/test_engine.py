@@ -263,12 +263,13 @@ def test_mixup_and_cutmix_mix_the_images_with_the_weight_of_the_labels(mode: str
     1 - lam of each image (cutmix), where lam is the weight the soft targets give to each image's own label
     (label smoothing 0.1 over 3 classes: on = 1 - 0.1 + 0.1/3, off = 0.1/3)."""
     import main_finetune
+    from util.mixup import build_criterion, build_mixup
 
     fargs = main_finetune.get_args_parser().parse_args(
         ["--nb_classes", "3", "--batch_size", "4", *(["--mixup", "0.8"] if mode == "mixup" else ["--cutmix", "1.0"])]
     )
-    mixup_fn = main_finetune.build_mixup(fargs)
-    criterion = RecordingCriterion(main_finetune.build_criterion(fargs, mixup_fn))
+    mixup_fn = build_mixup(fargs)
+    criterion = RecordingCriterion(build_criterion(fargs, mixup_fn))
     model = Recorder(3)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0])  # flipped: 0, 2, 1, 0

@@ -22,6 +22,7 @@ from train_utils import env_without_dist, free_port, make_image_folder
 import main_finetune
 import main_linprobe
 import main_pretrain
+import util.run
 from util.cli import run_cli
 from util.datasets import image_folder, pretrain_transform, train_loader, val_loader
 from util.errors import BadImageError
@@ -321,7 +322,7 @@ def test_bad_arguments_fail_before_any_work(data, tmp_path, monkeypatch, capsys,
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(module, "seed_everything", no_work)  # the first thing each main does after its checks
+    monkeypatch.setattr(util.run, "seed_everything", no_work)  # the first thing after start_run's checks
     (tmp_path / "a_file").write_text("")
     paths = {"MISSING": str(tmp_path / "missing"), "UNWRITABLE": str(tmp_path / "a_file" / "sub")}
     overrides = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}

@@ -12,14 +12,14 @@ from train_utils import make_image_folder, parse, tiny_run_args
 
 import main_linprobe
 import models_vit
-from util.models import build_pretrain_model
+from util.models import add_probe_head, build_pretrain_model
 
 FAMILIES = {"mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4"), "mixmim": ("mixmim_tiny", "mixmim_tiny")}
 
 
 def test_probe_head_is_batchnorm_without_affine_and_the_rest_is_frozen() -> None:
     model = models_vit.vit_tiny_patch4(num_classes=4)
-    main_linprobe.add_probe_head(model)
+    add_probe_head(model)
     bn, fc = model.head
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
     assert bn.num_features == fc.in_features == 192

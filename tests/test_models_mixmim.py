@@ -10,6 +10,7 @@ import torch
 
 import models_mixmim
 from util.lr_decay import param_groups_lrd
+from util.models import resolve_classifier_name
 from util.pos_embed import interpolate_pos_embed_mixmim
 
 ASSETS = Path(__file__).parent / "assets"
@@ -271,47 +272,18 @@ def test_sdpa_and_plain_attention_agree_on_cuda():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
-def test_attention_path_switch(monkeypatch):
-    attn = models_mixmim.mixmim_tiny_ft().layers[0].blocks[0].attn
-    cpu = torch.zeros(1)
-    assert attn.fused_attn is None and not attn.use_sdpa(cpu)  # default on CPU: plain (measured faster)
-    monkeypatch.setattr(models_mixmim, "FUSED_ATTN", True)
-    assert attn.use_sdpa(cpu)
-    attn.fused_attn = False  # the per-model switch wins over the module default
-    assert not attn.use_sdpa(cpu)
+def test_attention_path_is_chosen_when_built(monkeypatch):
+    """As timm's attention: fused_attn given to the factory, else timm's use_fused_attn() at construction."""
+    import timm.layers.config
 
+    def attn_of(**kw):
+        return models_mixmim.mixmim_tiny_ft(**kw).layers[0].blocks[0].attn
 
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # what TIMM_FUSED_ATTN=0 sets
+    assert attn_of().fused_attn is False and attn_of(fused_attn=True).fused_attn is True
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 1)
+    assert attn_of().fused_attn is True and attn_of(fused_attn=False).fused_attn is False
 
-@pytest.mark.parametrize("ws", [(4, 4), (3, 5), (7, 7)])
-def test_relative_position_index_is_a_function_of_the_offset_only(ws):
-    """Swin's index: tokens i, j of a window (row-major, i = r * ws1 + c) look up the bias of their offset
-    (dr, dc) = (ri - rj, ci - cj) at row dr + ws0 - 1, column dc + ws1 - 1 of the (2*ws0-1, 2*ws1-1) table. So
-    equal offsets share an entry, different offsets never do, and every entry is used."""
-    idx = models_mixmim.relative_position_index(ws)
-    n = ws[0] * ws[1]
-    assert idx.shape == (n, n)
-    by_offset: dict[tuple[int, int], set[int]] = {}
-    for i in range(n):
-        for j in range(n):
-            (ri, ci), (rj, cj) = divmod(i, ws[1]), divmod(j, ws[1])
-            dr, dc = ri - rj, ci - cj
-            assert idx[i, j] == (dr + ws[0] - 1) * (2 * ws[1] - 1) + (dc + ws[1] - 1), (i, j)
-            by_offset.setdefault((dr, dc), set()).add(int(idx[i, j]))
-    assert all(len(v) == 1 for v in by_offset.values())
-    assert sorted(v.pop() for v in by_offset.values()) == list(range((2 * ws[0] - 1) * (2 * ws[1] - 1)))
-
-
-def test_attention_bias_is_read_by_relative_offset():
-    """Each block's bias for (query i, key j) is its table's entry for the offset of j from i."""
-    attn = models_mixmim.mixmim_tiny().layers[0].blocks[0].attn
-    ws = attn.window_size
-    with torch.no_grad():
-        attn.relative_position_bias_table.copy_(torch.randn_like(attn.relative_position_bias_table))
-    table = attn.relative_position_bias_table.view(2 * ws[0] - 1, 2 * ws[1] - 1, -1)
-    bias = attn.relative_position_bias()  # (nH, N, N)
-    for i, j in [(0, 0), (0, ws[1] * ws[0] - 1), (5, 2), (ws[1], 1)]:
-        (ri, ci), (rj, cj) = divmod(i, ws[1]), divmod(j, ws[1])
-        torch.testing.assert_close(bias[:, i, j], table[ri - rj + ws[0] - 1, ci - cj + ws[1] - 1])
 
 def test_mix_mask_blocks_exactly_cross_image_pairs():
     mask = torch.zeros(1, 8 * 8, 1)
@@ -392,11 +364,11 @@ def test_finetune_names_resolve_to_classifiers():
     }
     for official, ours in expected.items():
         assert timm.is_model(official) == (not official.endswith("_384"))
-        assert models_mixmim.finetune_model_name(official) == ours
+        assert resolve_classifier_name(official) == ours
         with torch.device("meta"):
             model = timm.create_model(ours, num_classes=5, drop_path_rate=0.1)
         assert isinstance(model, models_mixmim.MixMIMClassifier) and model.head.out_features == 5
-    assert models_mixmim.finetune_model_name("mixmim_base_ft") == "mixmim_base_ft"
+    assert resolve_classifier_name("mixmim_base_ft") == "mixmim_base_ft"
     assert models_mixmim.mixmim_base_ft().no_weight_decay() == set()
 
 

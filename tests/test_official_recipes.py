@@ -25,7 +25,7 @@ from util.datasets import eval_transform, finetune_transform, linprobe_transform
 
 OFFICIAL = json.loads((Path(__file__).parent / "assets" / "official_parser_defaults.json").read_text())
 
-# Where our parsers deliberately differ from an official default (README, "Differences from the official code").
+# Where our parsers deliberately differ from an official default (docs/differences.md).
 # One parser serves both families, so a MixMIM run takes MAE's values for the defaults that do not decide a recipe.
 DELIBERATE = {
     "device": None,  # cuda when available, else cpu (official: cuda, which fails on a CPU machine)

@@ -10,11 +10,11 @@ betas over the layer-decay groups (checked against the official groups in test_l
 import pytest
 import torch
 
-import main_linprobe
 import models_mae
 import models_mixmim
 import models_vit
 from util.lars import LARS
+from util.models import add_probe_head
 from util.optim import absolute_lr, finetune_optimizer, linprobe_optimizer, pretrain_optimizer
 
 
@@ -59,7 +59,7 @@ def test_finetuning_adamw_takes_the_default_betas_and_layer_decay() -> None:
 
 def test_linear_probe_optimises_the_head_only() -> None:
     model = models_vit.vit_tiny_patch4(num_classes=3)
-    main_linprobe.add_probe_head(model)
+    add_probe_head(model)
     opt = linprobe_optimizer(model.head, lr=0.1, weight_decay=0.0)
     params = [p for g in opt.param_groups for p in g["params"]]
     assert isinstance(opt, LARS)

@@ -22,6 +22,7 @@ from util.cli import args_to_dict
 from util.dist import is_main_process
 from util.errors import UsageError
 from util.files import fsync_dir, temp_path, write_atomic
+from util.models import FAMILY_TITLE, family_of, family_of_state_dict, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +74,6 @@ def _link_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def save_checkpoint(
@@ -247,23 +237,12 @@ def load_resume(
 # ----------------------------------------------------------------------------- pretrained weights
 
 
-def _family_of_keys(keys) -> str | None:
-    keys = list(keys)
-    if any(k.startswith("blocks.") for k in keys):
-        return "ViT (MAE)"
-    if any(k.startswith("layers.") for k in keys):
-        return "MixMIM"
-    return None
-
-
 def interpolate_pos_embed_any(model: nn.Module, state_dict: dict) -> None:
     """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model``."""
-    if any(k.startswith("layers.") for k in model.state_dict()):
-        fn = getattr(pos_embed, "interpolate_pos_embed_mixmim", None)
-        if fn is not None:
-            fn(model, state_dict)
-            return
-    pos_embed.interpolate_pos_embed(model, state_dict)
+    if family_of(model) == "mixmim":
+        pos_embed.interpolate_pos_embed_mixmim(model, state_dict)
+    else:
+        pos_embed.interpolate_pos_embed(model, state_dict)
 
 
 def _is_pretraining_only(key: str, model_keys: set[str]) -> bool:
@@ -287,9 +266,11 @@ def load_pretrained(
     checkpoint = load_checkpoint_file(path)
     state_dict = state_dict_of(checkpoint)
     own = model.state_dict()
-    ck_family, own_family = _family_of_keys(state_dict), _family_of_keys(own)
-    if ck_family and own_family and ck_family != own_family:
-        raise UsageError(f"--finetune {path} is a {ck_family} checkpoint but the model is {own_family}")
+    ck_family, own_family = family_of_state_dict(state_dict), family_of(model)
+    if ck_family and ck_family != own_family:
+        raise UsageError(
+            f"--finetune {path} is a {FAMILY_TITLE[ck_family]} checkpoint but the model is {FAMILY_TITLE[own_family]}"
+        )
     logger.info("Load pre-trained checkpoint from: %s", path)
 
     for k in ("head.weight", "head.bias"):

@@ -39,13 +39,13 @@ def get_layer_id_for_mixmim(name: str, num_layers: list[int]) -> int:
 
 def _layer_id_fn(model: nn.Module) -> tuple[int, Callable[[str], int]]:
     """(number of layers, name -> layer id) for a ViT (``model.blocks``) or a MixMIM encoder (``model.layers``)."""
-    if hasattr(model, "blocks"):
+    from util.models import family_of  # util.models imports the model modules, which need nothing from here
+
+    if family_of(model) == "mae":
         num_layers = len(model.blocks) + 1
         return num_layers, lambda n: get_layer_id_for_vit(n, num_layers)
-    if hasattr(model, "layers"):
-        per_stage = [len(stage.blocks) for stage in model.layers]
-        return sum(per_stage) + 1, lambda n: get_layer_id_for_mixmim(n, per_stage)
-    raise TypeError(f"layer-wise lr decay needs a model with .blocks (ViT) or .layers (MixMIM), got {type(model)}")
+    per_stage = [len(stage.blocks) for stage in model.layers]
+    return sum(per_stage) + 1, lambda n: get_layer_id_for_mixmim(n, per_stage)
 
 
 def param_groups_lrd(

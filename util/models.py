@@ -1,10 +1,12 @@
-"""One place that turns ``--model`` into a model, for both families and every script.
+"""The model table: every model name the scripts take, its family, its task and its partner, and the builders.
 
-Pretraining takes the pretraining models (``mae_vit_*``, ``mixmim_*``); fine-tuning and linear probing take the
-classifiers (``vit_*``, MixMIM's fine-tuning models). Each script also accepts the other kind's name of the same
-architecture and maps it (``vit_base_patch16`` -> ``mae_vit_base_patch16`` in pretraining; ``mixmim_base`` -> its
-classifier in fine-tuning, as the official MixMIM scripts name both the same). An unknown name or an input size the
-model cannot take is a ``UsageError``.
+One entry per architecture pairs a pretraining model with its classifier (``mae_vit_base_patch16`` with
+``vit_base_patch16``; ``mixmim_base`` with ``mixmim_base_ft``). Every question about a model is answered here: its
+family (``family_of``), whether it is a pretraining model (``is_pretrain_model``), the classifier of a pretraining
+name and back (``resolve_classifier_name``, ``resolve_pretrain_name``: each script also takes the other kind's name
+of the same architecture, and the official MixMIM scripts' names), its default input size, its family's official
+defaults (mask ratio, checkpoint cadence), and which state-dict keys mark a family's checkpoint. An unknown name or
+an input size the model cannot take is a ``UsageError``.
 """
 
 import logging
@@ -23,31 +25,40 @@ from util.errors import UsageError
 logger = logging.getLogger(__name__)
 
 
-def _names(module) -> list[str]:
-    return timm.list_models(module=module.__name__.split(".")[-1])
+@dataclass(frozen=True)
+class Architecture:
+    family: str  # "mae" or "mixmim"
+    pretrain: str | None  # the pretraining model's registered name (None: a classifier without one)
+    classifier: str  # the classifier's registered name
+    input_size: int  # the factories' default image side
+    official_names: tuple[str, ...] = ()  # other names the official scripts use for these models
 
 
-def _mixmim_classifier_names() -> set[str]:
-    return set(models_mixmim.FINETUNE_NAMES.values())
-
-
-def pretrain_model_names() -> list[str]:
-    mixmim = [n for n in _names(models_mixmim) if n not in _mixmim_classifier_names()]
-    return sorted(_names(models_mae) + mixmim)
-
-
-def classifier_model_names() -> list[str]:
-    return sorted(_names(models_vit) + sorted(_mixmim_classifier_names()))
-
-
-def family_of(name: str) -> str:
-    """``"mae"`` or ``"mixmim"`` for any model name we know."""
-    if name in _names(models_mae) or name in _names(models_vit):
-        return "mae"
-    if name in _names(models_mixmim):
-        return "mixmim"
-    raise UsageError(f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
-                     f"classifiers: {', '.join(classifier_model_names())}")
+ARCHITECTURES = (
+    Architecture("mae", "mae_vit_base_patch16", "vit_base_patch16", 224, ("mae_vit_base_patch16_dec512d8b",)),
+    Architecture("mae", "mae_vit_large_patch16", "vit_large_patch16", 224, ("mae_vit_large_patch16_dec512d8b",)),
+    Architecture("mae", "mae_vit_huge_patch14", "vit_huge_patch14", 224, ("mae_vit_huge_patch14_dec512d8b",)),
+    Architecture("mae", "mae_vit_tiny_patch4", "vit_tiny_patch4", 32),
+    # the official MixMIM scripts call the pretraining model and its classifier by the same name (mixmim_base):
+    # main_finetune.py and main_linprobe.py map it to the classifier
+    Architecture("mixmim", "mixmim_base", "mixmim_base_ft", 224),
+    Architecture("mixmim", None, "mixmim_base_384_ft", 384, ("mixmim_base_384",)),
+    Architecture("mixmim", "mixmim_large", "mixmim_large_ft", 224),
+    Architecture("mixmim", None, "mixmim_large_384_ft", 384, ("mixmim_large_384",)),
+    Architecture("mixmim", "mixmim_huge", "mixmim_huge_ft", 224),
+    Architecture("mixmim", "mixmim_tiny", "mixmim_tiny_ft", 64),
+)
+# the model classes of each (family, task), for questions about a built model
+_CLASSES = {
+    models_mae.MaskedAutoencoderViT: ("mae", "pretrain"),
+    models_vit.VisionTransformer: ("mae", "classifier"),
+    models_mixmim.MixMIM: ("mixmim", "pretrain"),
+    models_mixmim.MixMIMClassifier: ("mixmim", "classifier"),
+}
+# the state-dict key prefix of each family's transformer blocks (ViT: blocks.*, MixMIM's stages: layers.*): the
+# family of a checkpoint that does not name its model (the official ones), and its name in messages
+FAMILY_KEY_PREFIX = {"mae": "blocks.", "mixmim": "layers."}
+FAMILY_TITLE = {"mae": "ViT (MAE)", "mixmim": "MixMIM"}
 
 
 @dataclass(frozen=True)
@@ -65,37 +76,96 @@ FAMILY_DEFAULTS = {
 }
 
 
-def family_defaults(name: str) -> FamilyDefaults:
-    """The official defaults of ``name``'s family (MAE or MixMIM)."""
-    return FAMILY_DEFAULTS[family_of(name)]
+def _architecture(name: str) -> Architecture | None:
+    for arch in ARCHITECTURES:
+        if name in (arch.pretrain, arch.classifier) or name in arch.official_names:
+            return arch
+    return None
+
+
+def pretrain_model_names() -> list[str]:
+    return sorted(a.pretrain for a in ARCHITECTURES if a.pretrain)
+
+
+def classifier_model_names() -> list[str]:
+    return sorted(a.classifier for a in ARCHITECTURES)
+
+
+def _unknown(name: str) -> UsageError:
+    return UsageError(f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
+                      f"classifiers: {', '.join(classifier_model_names())}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _kind(model: nn.Module) -> tuple[str, str]:
+    inner = unwrap(model)
+    for cls, kind in _CLASSES.items():
+        if isinstance(inner, cls):
+            return kind
+    raise TypeError(f"{type(inner).__name__} is not one of this project's models")
+
+
+def family_of(name_or_model: str | nn.Module) -> str:
+    """``"mae"`` or ``"mixmim"`` for a model name we know, or for a built model (DDP or compiled too)."""
+    if isinstance(name_or_model, nn.Module):
+        return _kind(name_or_model)[0]
+    arch = _architecture(name_or_model)
+    if arch is None:
+        raise _unknown(name_or_model)
+    return arch.family
+
+
+def is_pretrain_model(model: nn.Module) -> bool:
+    """Pretraining models return (loss, pred, mask); classifiers return logits."""
+    return _kind(model)[1] == "pretrain"
+
+
+def default_input_size(name: str) -> int:
+    arch = _architecture(name)
+    if arch is None:
+        raise _unknown(name)
+    return arch.input_size
+
+
+def family_defaults(name_or_model: str | nn.Module) -> FamilyDefaults:
+    """The official defaults of the family of a model (or model name)."""
+    return FAMILY_DEFAULTS[family_of(name_or_model)]
+
+
+def family_of_state_dict(keys) -> str | None:
+    """The family whose blocks the state dict's keys hold, or None."""
+    keys = list(keys)
+    for family, prefix in FAMILY_KEY_PREFIX.items():
+        if any(k.startswith(prefix) for k in keys):
+            return family
+    return None
 
 
 def resolve_pretrain_name(name: str) -> str:
-    """The pretraining model for ``--model`` in main_pretrain.py."""
-    known = pretrain_model_names()
-    if name in known:
-        return name
-    if f"mae_{name}" in known:  # a ViT classifier name: its MAE
-        return f"mae_{name}"
-    for pre, ft in models_mixmim.FINETUNE_NAMES.items():  # a MixMIM classifier name: its pretraining model
-        if ft == name and pre in known:
-            return pre
-    raise UsageError(f"unknown pretraining --model {name!r}; choose one of: {', '.join(known)}")
+    """The pretraining model for ``--model`` in main_pretrain.py (a classifier's name gives its pretraining model)."""
+    arch = _architecture(name)
+    if arch is None or arch.pretrain is None:
+        raise UsageError(f"unknown pretraining --model {name!r}; choose one of: {', '.join(pretrain_model_names())}")
+    return name if name in arch.official_names and timm.is_model(name) else arch.pretrain
 
 
 def resolve_classifier_name(name: str) -> str:
-    """The classifier for ``--model`` in main_finetune.py / main_linprobe.py."""
-    known = classifier_model_names()
-    mapped = models_mixmim.finetune_model_name(name)  # the official MixMIM names (mixmim_base, mixmim_base_384, ...)
-    if mapped in known:
-        return mapped
-    if name in known:
-        return name
-    if name.startswith("mae_"):  # an MAE name: its ViT encoder as classifier
-        vit = name[len("mae_") :].removesuffix("_dec512d8b")
-        if vit in known:
-            return vit
-    raise UsageError(f"unknown classifier --model {name!r}; choose one of: {', '.join(known)}")
+    """The classifier for ``--model`` in main_finetune.py / main_linprobe.py (a pretraining model's name, or an
+    official MixMIM name, gives its classifier)."""
+    arch = _architecture(name)
+    if arch is None:
+        raise UsageError(f"unknown classifier --model {name!r}; choose one of: {', '.join(classifier_model_names())}")
+    return arch.classifier
 
 
 def _input_stride(model: nn.Module) -> int:
@@ -107,7 +177,12 @@ def _input_stride(model: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, tuple | list) else patch)
 
 
-def _create(name: str, input_size: int, **kwargs) -> nn.Module:
+def _create(name: str, input_size: int, device: torch.device | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with one-line errors. For MixMIM on a known ``device`` the attention path is fixed
+    here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with a float bias runs its math kernel, measured slower);
+    MAE keeps timm's choice."""
+    if device is not None and family_of(name) == "mixmim":
+        kwargs.setdefault("fused_attn", torch.device(device).type == "cuda")
     try:
         model = timm.create_model(name, img_size=input_size, **kwargs)
     except (ValueError, AssertionError) as e:
@@ -126,13 +201,18 @@ def check_buildable(name: str, input_size: int) -> None:
         _create(name, input_size)
 
 
-def build_pretrain_model(name: str, input_size: int, **kwargs) -> nn.Module:
-    """A pretraining model (MAE or MixMIM) for square images of side ``input_size``."""
-    return _create(resolve_pretrain_name(name), input_size, **kwargs)
+def build_pretrain_model(name: str, input_size: int, device: torch.device | None = None, **kwargs) -> nn.Module:
+    """A pretraining model (MAE or MixMIM) for square images of side ``input_size``, to run on ``device``."""
+    return _create(resolve_pretrain_name(name), input_size, device, **kwargs)
 
 
 def build_classifier(
-    name: str, input_size: int, num_classes: int, drop_path_rate: float, global_pool: bool | None = None
+    name: str,
+    input_size: int,
+    num_classes: int,
+    drop_path_rate: float,
+    global_pool: bool | None = None,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """A classifier (ViT or MixMIM) for fine-tuning or linear probing.
 
@@ -144,7 +224,18 @@ def build_classifier(
         kwargs["global_pool"] = bool(global_pool)
     elif global_pool is False:
         logger.warning("--cls_token is ignored for %s: MixMIM classifiers pool the last stage's tokens", resolved)
-    return _create(resolved, input_size, **kwargs)
+    return _create(resolved, input_size, device, **kwargs)
+
+
+def add_probe_head(model: nn.Module) -> None:
+    """Replace ``model.head`` by BatchNorm1d (no affine, eps 1e-6) + the head, and freeze everything else."""
+    model.head = nn.Sequential(
+        nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head
+    )
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
 
 
 def compile_model(model: nn.Module, mode: str | None = None) -> nn.Module:

@@ -10,6 +10,9 @@
 AdamW is fused on CUDA (one kernel for all parameters).
 """
 
+import argparse
+import logging
+
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
@@ -17,12 +20,23 @@ from timm.optim import param_groups_weight_decay
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
 
+logger = logging.getLogger(__name__)
+
 
 def absolute_lr(lr: float | None, blr: float, batch_size: int, accum_iter: int, world_size: int) -> float:
     """``lr`` when given, else ``blr * effective batch / 256`` (effective batch = batch * accum_iter * ranks)."""
     if lr is not None:
         return lr
     return blr * batch_size * accum_iter * world_size / 256
+
+
+def scaled_lr(args: argparse.Namespace) -> float:
+    """``absolute_lr`` of the run's flags (``world_size`` set by the distributed init), with the official log lines."""
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    lr = absolute_lr(args.lr, args.blr, args.batch_size, args.accum_iter, args.world_size)
+    logger.info("base lr: %.2e, actual lr: %.2e", lr * 256 / eff_batch_size, lr)
+    logger.info("accumulate grad iterations: %d, effective batch size: %d", args.accum_iter, eff_batch_size)
+    return lr
 
 
 def _fused(device: torch.device | str) -> bool | None:

@@ -1,0 +1,76 @@
+"""The steps every entry script takes around its model and data: start a run, open its outputs, and the
+bookkeeping of each epoch (reshuffle and reseed before, checkpoint and log line after)."""
+
+import argparse
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from util.amp import resolve_amp
+from util.checkpoint import resolve_resume, save_checkpoint
+from util.cli import log_args, save_args_json
+from util.datasets import skipped_images
+from util.dist import get_rank, init_distributed_mode, is_main_process
+from util.files import append_log_line, check_output_dir
+from util.seeding import epoch_seed, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def start_run(
+    args: argparse.Namespace, check: Callable[[argparse.Namespace], None], writes: bool = True
+) -> torch.device:
+    """Everything before the data is read: the process group and device, the precision, ``check(args)`` (the
+    script's resolution of defaults and its one-line errors), writable output folders (when the run ``writes``),
+    the checkpoint to resume from, the arguments in the log, and the seeds. Returns the device."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    check(args)
+    if writes:
+        check_output_dir(args.output_dir)
+        check_output_dir(args.log_dir, "--log_dir")
+    resolve_resume(args)
+    log_args(args)
+    seed_everything(args.seed + get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def open_outputs(args: argparse.Namespace) -> SummaryWriter | None:
+    """On the main process: ``args.json`` in ``--output_dir`` and a TensorBoard writer on ``--log_dir``."""
+    if not is_main_process():
+        return None
+    if args.output_dir:
+        save_args_json(args, args.output_dir)
+    return SummaryWriter(log_dir=args.log_dir) if args.log_dir else None
+
+
+def begin_epoch(loader, args: argparse.Namespace, epoch: int) -> None:
+    """Reshuffle the training sampler and reseed every RNG from (seed, rank, epoch): an epoch's draws do not depend
+    on what ran before, so a resumed run repeats the uninterrupted one."""
+    loader.sampler.set_epoch(epoch)
+    seed_everything(epoch_seed(args.seed, get_rank(), epoch))
+
+
+def save_epoch_checkpoint(args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler) -> None:
+    """``checkpoint-last.pth``, and ``checkpoint-{epoch}.pth`` every ``--save_freq`` epochs and at the last one."""
+    numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+    save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
+
+
+def log_epoch(
+    args: argparse.Namespace, log_writer: SummaryWriter | None, log_stats: dict, loaders: dict, device: torch.device
+) -> None:
+    """The epoch's line in ``log.txt``. ``loaders``: {prefix: (loader, sharded)}, whose unreadable images are
+    counted into the line with ``--skip_bad_images`` (call on every rank: the counts are summed over ranks)."""
+    if args.skip_bad_images:
+        for prefix, (loader, sharded) in loaders.items():
+            log_stats[f"{prefix}_skipped_images"] = skipped_images(loader, device, sharded=sharded)
+    if args.output_dir and is_main_process():
+        if log_writer is not None:
+            log_writer.flush()
+        append_log_line(args.output_dir, log_stats)
