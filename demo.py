@@ -79,17 +79,45 @@ class Recipe:
 
 RECIPES = {
     "mae": Recipe(
-        pretrain_model="mae_vit_tiny_patch4", classifier="vit_tiny_patch4", input_size=32, mask_ratio=0.75,
-        norm_pix_loss=False, pretrain_images=12800, pretrain_epochs=3, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
-        labelled_images=4096, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
-        finetune_images=4096, finetune_batch_size=32, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3,
+        pretrain_model="mae_vit_tiny_patch4",
+        classifier="vit_tiny_patch4",
+        input_size=32,
+        mask_ratio=0.75,
+        norm_pix_loss=False,
+        pretrain_images=12800,
+        pretrain_epochs=3,
+        pretrain_warmup_epochs=0,
+        pretrain_blr=1.5e-4,
+        labelled_images=4096,
+        linprobe_epochs=50,
+        linprobe_warmup_epochs=5,
+        linprobe_blr=10.0,
+        finetune_images=4096,
+        finetune_batch_size=32,
+        finetune_epochs=1,
+        finetune_warmup_epochs=0,
+        finetune_blr=5e-3,
         test_images=2000,
     ),
     "mixmim": Recipe(
-        pretrain_model="mixmim_tiny", classifier="mixmim_tiny_ft", input_size=64, mask_ratio=0.5,
-        norm_pix_loss=True, pretrain_images=4096, pretrain_epochs=1, pretrain_warmup_epochs=0, pretrain_blr=1.5e-4,
-        labelled_images=2048, linprobe_epochs=50, linprobe_warmup_epochs=5, linprobe_blr=10.0,
-        finetune_images=2048, finetune_batch_size=32, finetune_epochs=1, finetune_warmup_epochs=0, finetune_blr=5e-3,
+        pretrain_model="mixmim_tiny",
+        classifier="mixmim_tiny_ft",
+        input_size=64,
+        mask_ratio=0.5,
+        norm_pix_loss=True,
+        pretrain_images=4096,
+        pretrain_epochs=1,
+        pretrain_warmup_epochs=0,
+        pretrain_blr=1.5e-4,
+        labelled_images=2048,
+        linprobe_epochs=50,
+        linprobe_warmup_epochs=5,
+        linprobe_blr=10.0,
+        finetune_images=2048,
+        finetune_batch_size=32,
+        finetune_epochs=1,
+        finetune_warmup_epochs=0,
+        finetune_blr=5e-3,
         test_images=1000,
     ),
 }
@@ -98,10 +126,12 @@ RECIPES = {
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE / MixMIM demo on Fashion-MNIST", add_help=False)
     parser.add_argument("--family", default="mae", choices=sorted(RECIPES))
-    parser.add_argument("--data_path", default=DEFAULT_DATA_PATH,
-                        help="folder with the Fashion-MNIST idx files (gzipped or not)")
-    parser.add_argument("--cache_dir", default=None,
-                        help="where to decompress the idx files (default: ~/.cache/mae-mixmim)")
+    parser.add_argument(
+        "--data_path", default=DEFAULT_DATA_PATH, help="folder with the Fashion-MNIST idx files (gzipped or not)"
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="where to decompress the idx files (default: ~/.cache/mae-mixmim)"
+    )
     parser.add_argument("--output_dir", default="./output_demo", help="checkpoints, logs, results.json, images")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", default=0, type=int)
@@ -114,26 +144,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     budget.add_argument("--pretrain_blr", type=float, help="pretraining base lr (lr = blr * batch / 256)")
     budget.add_argument("--mask_ratio", type=float)
     budget.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction)
-    budget.add_argument("--labelled_images", type=int,
-                        help="train-split images (with labels) for the linear probe and fine-tuning")
+    budget.add_argument(
+        "--labelled_images", type=int, help="train-split images (with labels) for the linear probe and fine-tuning"
+    )
     budget.add_argument("--linprobe_blr", type=float)
     budget.add_argument("--linprobe_epochs", type=int)
     budget.add_argument("--linprobe_warmup_epochs", type=int)
     budget.add_argument("--finetune_blr", type=float)
-    budget.add_argument("--finetune_images", type=int,
-                        help="train-split images to fine-tune on (a prefix of the same permutation)")
+    budget.add_argument(
+        "--finetune_images", type=int, help="train-split images to fine-tune on (a prefix of the same permutation)"
+    )
     budget.add_argument("--finetune_epochs", type=int)
-    budget.add_argument("--finetune_batch_size", type=int,
-                        help="smaller than --batch_size: more updates for the same compute")
+    budget.add_argument(
+        "--finetune_batch_size", type=int, help="smaller than --batch_size: more updates for the same compute"
+    )
     budget.add_argument("--finetune_warmup_epochs", type=int)
     budget.add_argument("--test_images", type=int, help="test-split images to evaluate on (10000: all)")
-    extra = parser.add_argument_group("more flags for a stage's script, appended last (they win), e.g. "
-                                      "--finetune_args='--aa rand-m5-mstd0.5 --reprob 0'")
+    extra = parser.add_argument_group(
+        "more flags for a stage's script, appended last (they win), e.g. "
+        "--finetune_args='--aa rand-m5-mstd0.5 --reprob 0'"
+    )
     extra.add_argument("--pretrain_args", default="", help="for main_pretrain.py")
     extra.add_argument("--linprobe_args", default="", help="for main_linprobe.py")
     extra.add_argument("--finetune_args", default="", help="for main_finetune.py")
-    parser.add_argument("--pretrained_checkpoint", default="",
-                        help="skip pretraining: probe and fine-tune this pretraining checkpoint instead")
+    parser.add_argument(
+        "--pretrained_checkpoint",
+        default="",
+        help="skip pretraining: probe and fine-tune this pretraining checkpoint instead",
+    )
     parser.add_argument("--num_vis", default=8, type=int, help="test images to reconstruct")
     return parser
 
@@ -179,9 +217,26 @@ def common_flags(
     args: argparse.Namespace, output_dir: Path, epochs: int, blr: float, batch_size: int | None = None
 ) -> list[str]:
     flags = [
-        "--data_path", "", "--output_dir", str(output_dir), "--log_dir", "", "--input_size", str(args.input_size),
-        "--batch_size", str(batch_size or args.batch_size), "--epochs", str(epochs), "--blr", str(blr),
-        "--num_workers", str(args.num_workers), "--seed", str(args.seed), "--print_freq", "20",
+        "--data_path",
+        "",
+        "--output_dir",
+        str(output_dir),
+        "--log_dir",
+        "",
+        "--input_size",
+        str(args.input_size),
+        "--batch_size",
+        str(batch_size or args.batch_size),
+        "--epochs",
+        str(epochs),
+        "--blr",
+        str(blr),
+        "--num_workers",
+        str(args.num_workers),
+        "--seed",
+        str(args.seed),
+        "--print_freq",
+        "20",
     ]
     if args.device:
         flags += ["--device", args.device]
@@ -191,8 +246,12 @@ def common_flags(
 def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
     """``main_pretrain.py`` on ``dataset``; returns the checkpoint."""
     cli = common_flags(args, Path(args.output_dir) / "pretrain", args.pretrain_epochs, args.pretrain_blr) + [
-        "--model", args.pretrain_model, "--mask_ratio", str(args.mask_ratio),
-        "--warmup_epochs", str(args.pretrain_warmup_epochs),
+        "--model",
+        args.pretrain_model,
+        "--mask_ratio",
+        str(args.mask_ratio),
+        "--warmup_epochs",
+        str(args.pretrain_warmup_epochs),
     ]
     if args.norm_pix_loss:
         cli.append("--norm_pix_loss")
@@ -253,7 +312,10 @@ def linprobe(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
 def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag: str) -> float:
     """``main_finetune.py`` on the demo's fine-tuning and test sets; top-1 on the test set."""
     cli = common_flags(
-        args, Path(args.output_dir) / f"finetune_{tag}", args.finetune_epochs, args.finetune_blr,
+        args,
+        Path(args.output_dir) / f"finetune_{tag}",
+        args.finetune_epochs,
+        args.finetune_blr,
         args.finetune_batch_size,
     )
     cli += ["--model", args.classifier, "--nb_classes", "10", "--warmup_epochs", str(args.finetune_warmup_epochs)]

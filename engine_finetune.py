@@ -123,15 +123,28 @@ def fit(
     for epoch in range(args.start_epoch, args.epochs):
         begin_epoch(data_loader_train, args, epoch)
         train_stats = train_one_epoch(
-            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-            max_norm, mixup_fn, log_writer=log_writer, args=args,
+            model,
+            criterion,
+            data_loader_train,
+            optimizer,
+            device,
+            epoch,
+            loss_scaler,
+            max_norm,
+            mixup_fn,
+            log_writer=log_writer,
+            args=args,
         )
         save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
 
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
-        logger.info("Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)",
-                    len(data_loader_val.dataset), test_stats["acc1"], max_accuracy)
+        logger.info(
+            "Accuracy of the network on the %d test images: %.1f%% (max %.2f%%)",
+            len(data_loader_val.dataset),
+            test_stats["acc1"],
+            max_accuracy,
+        )
         if log_writer is not None:
             log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
             log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)

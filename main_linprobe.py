@@ -29,58 +29,98 @@ logger = logging.getLogger(__name__)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE / MixMIM linear probing for image classification", add_help=False)
-    parser.add_argument("--batch_size", default=512, type=int,
-                        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    parser.add_argument(
+        "--batch_size",
+        default=512,
+        type=int,
+        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus",
+    )
     parser.add_argument("--epochs", default=90, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
-                        help="Accumulate gradient iterations (for increasing the effective batch size under memory "
-                             "constraints)")
+    parser.add_argument(
+        "--accum_iter",
+        default=1,
+        type=int,
+        help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)",
+    )
 
     # Model parameters
-    parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
-                        help="Name of model to train (vit_* or mixmim_*)")
+    parser.add_argument(
+        "--model",
+        default="vit_large_patch16",
+        type=str,
+        metavar="MODEL",
+        help="Name of model to train (vit_* or mixmim_*)",
+    )
     parser.add_argument("--input_size", default=224, type=int, help="images input size (official: fixed 224)")
 
     # Optimizer parameters
-    parser.add_argument("--weight_decay", type=float, default=0,
-                        help="weight decay (default: 0 for linear probe following MoCo v1)")
+    parser.add_argument(
+        "--weight_decay", type=float, default=0, help="weight decay (default: 0 for linear probe following MoCo v1)"
+    )
     parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    parser.add_argument("--blr", type=float, default=0.1, metavar="LR",
-                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR",
-                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument(
+        "--blr",
+        type=float,
+        default=0.1,
+        metavar="LR",
+        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256",
+    )
+    parser.add_argument(
+        "--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0"
+    )
     parser.add_argument("--warmup_epochs", type=int, default=10, metavar="N", help="epochs to warmup LR")
 
     # * Finetuning params
     parser.add_argument("--finetune", default="", help="finetune from checkpoint")
     parser.add_argument("--global_pool", action="store_true")
     parser.set_defaults(global_pool=False)
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="Use class token instead of global pool for classification (ViT)")
+    parser.add_argument(
+        "--cls_token",
+        action="store_false",
+        dest="global_pool",
+        help="Use class token instead of global pool for classification (ViT)",
+    )
 
     # Dataset parameters
-    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
-                        help="dataset path (an ImageFolder with train/ and val/)")
+    parser.add_argument(
+        "--data_path",
+        default="/datasets01/imagenet_full_size/061417/",
+        type=str,
+        help="dataset path (an ImageFolder with train/ and val/)",
+    )
     parser.add_argument("--nb_classes", default=1000, type=int, help="number of the classification types")
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
     parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
-    parser.add_argument("--device", default=None,
-                        help="device to use for training / testing (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="device to use for training / testing (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="",
-                        help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir")
+    parser.add_argument(
+        "--resume", default="", help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir"
+    )
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true", help="Perform evaluation only")
-    parser.add_argument("--dist_eval", action="store_true", default=False,
-                        help="Enabling distributed evaluation (recommended during training for faster monitor")
+    parser.add_argument(
+        "--dist_eval",
+        action="store_true",
+        default=False,
+        help="Enabling distributed evaluation (recommended during training for faster monitor",
+    )
     parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true",
-                        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
+    parser.add_argument(
+        "--pin_mem",
+        action="store_true",
+        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.",
+    )
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
-    parser.add_argument("--save_freq", default=1, type=int,
-                        help="write checkpoint-{epoch}.pth every N epochs and at the last one (official: every "
-                             "epoch); checkpoint-last.pth is written every epoch")
+    parser.add_argument(
+        "--save_freq",
+        default=1,
+        type=int,
+        help="write checkpoint-{epoch}.pth every N epochs and at the last one (official: every "
+        "epoch); checkpoint-last.pth is written every epoch",
+    )
 
     add_runtime_args(parser, port=29531)
     return parser
@@ -138,8 +178,20 @@ def main(
         return test_stats
 
     log_writer = open_outputs(args)
-    return fit(args, model, criterion, optimizer, loss_scaler, None, data_loader_train, data_loader_val,
-               n_parameters, device, max_norm=None, log_writer=log_writer)
+    return fit(
+        args,
+        model,
+        criterion,
+        optimizer,
+        loss_scaler,
+        None,
+        data_loader_train,
+        data_loader_val,
+        n_parameters,
+        device,
+        max_norm=None,
+        log_writer=log_writer,
+    )
 
 
 if __name__ == "__main__":

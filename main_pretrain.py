@@ -34,56 +34,93 @@ logger = logging.getLogger(__name__)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE / MixMIM pre-training", add_help=False)
-    parser.add_argument("--batch_size", default=64, type=int,
-                        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    parser.add_argument(
+        "--batch_size",
+        default=64,
+        type=int,
+        help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus",
+    )
     parser.add_argument("--epochs", default=400, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
-                        help="Accumulate gradient iterations (for increasing the effective batch size under memory "
-                             "constraints)")
+    parser.add_argument(
+        "--accum_iter",
+        default=1,
+        type=int,
+        help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)",
+    )
 
     # Model parameters
-    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
-                        help="Name of model to train (mae_vit_* or mixmim_*)")
+    parser.add_argument(
+        "--model",
+        default="mae_vit_large_patch16",
+        type=str,
+        metavar="MODEL",
+        help="Name of model to train (mae_vit_* or mixmim_*)",
+    )
     parser.add_argument("--input_size", default=224, type=int, help="images input size")
-    parser.add_argument("--mask_ratio", default=None, type=float,
-                        help="Masking ratio (percentage of removed patches); default: the family's official one, "
-                             "0.75 for MAE, 0.5 for MixMIM")
-    parser.add_argument("--norm_pix_loss", action="store_true",
-                        help="Use (per-patch) normalized pixels as targets for computing loss")
+    parser.add_argument(
+        "--mask_ratio",
+        default=None,
+        type=float,
+        help="Masking ratio (percentage of removed patches); default: the family's official one, "
+        "0.75 for MAE, 0.5 for MixMIM",
+    )
+    parser.add_argument(
+        "--norm_pix_loss", action="store_true", help="Use (per-patch) normalized pixels as targets for computing loss"
+    )
     parser.set_defaults(norm_pix_loss=False)
 
     # Optimizer parameters
-    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
-                        help="Clip gradient norm (default: None, no clipping)")
+    parser.add_argument(
+        "--clip_grad", type=float, default=None, metavar="NORM", help="Clip gradient norm (default: None, no clipping)"
+    )
     parser.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR",
-                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument(
+        "--blr",
+        type=float,
+        default=1e-3,
+        metavar="LR",
+        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256",
+    )
+    parser.add_argument(
+        "--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0"
+    )
     parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warmup LR")
 
     # Dataset parameters
-    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
-                        help="dataset path (an ImageFolder with train/)")
+    parser.add_argument(
+        "--data_path",
+        default="/datasets01/imagenet_full_size/061417/",
+        type=str,
+        help="dataset path (an ImageFolder with train/)",
+    )
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
     parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
-    parser.add_argument("--device", default=None,
-                        help="device to use for training / testing (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="device to use for training / testing (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="",
-                        help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir")
+    parser.add_argument(
+        "--resume", default="", help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir"
+    )
     parser.add_argument("--finetune", default="", help="initialise from (part of) a checkpoint (MixMIM)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true",
-                        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
+    parser.add_argument(
+        "--pin_mem",
+        action="store_true",
+        help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.",
+    )
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
-    parser.add_argument("--save_freq", default=None, type=int,
-                        help="write checkpoint-{epoch}.pth every N epochs and at the last one; default: as the "
-                             "family's official script, 20 for MAE, 10 for MixMIM (checkpoint-last.pth is written "
-                             "every epoch)")
+    parser.add_argument(
+        "--save_freq",
+        default=None,
+        type=int,
+        help="write checkpoint-{epoch}.pth every N epochs and at the last one; default: as the "
+        "family's official script, 20 for MAE, 10 for MixMIM (checkpoint-last.pth is written "
+        "every epoch)",
+    )
 
     add_runtime_args(parser, port=29529)
     return parser

@@ -241,11 +241,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours or official, with decoder)")
     parser.add_argument("--model", default=None, help="pretraining model name (default: from the checkpoint)")
     parser.add_argument("--input_size", default=None, type=int, help="default: from the checkpoint or the model")
-    parser.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
-                        help="whether the model predicts normalised patches (default: from the checkpoint, else the "
-                             "model's default: off for MAE, on for MixMIM)")
-    parser.add_argument("--images", nargs="*", default=None,
-                        help="image files (default: Fashion-MNIST test images)")
+    parser.add_argument(
+        "--norm_pix_loss",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="whether the model predicts normalised patches (default: from the checkpoint, else the "
+        "model's default: off for MAE, on for MixMIM)",
+    )
+    parser.add_argument("--images", nargs="*", default=None, help="image files (default: Fashion-MNIST test images)")
     parser.add_argument("--num_images", default=4, type=int, help="Fashion-MNIST images to show without --images")
     parser.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="folder with the Fashion-MNIST files")
     parser.add_argument("--mask_ratio", default=None, type=float, help="default: 0.75 (MAE), 0.5 (MixMIM)")

@@ -71,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the model")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
     p.add_argument(
-        "--loop", nargs="+", default=["step"], choices=["step", "engine"],
+        "--loop",
+        nargs="+",
+        default=["step"],
+        choices=["step", "engine"],
         help="step: the bare training step; engine: the scripts' train_one_epoch (see above)",
     )
     p.add_argument("--print-freq", type=int, default=20, help="engine loop: read the loss back every N steps")
@@ -88,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--flops-only", action="store_true",
+        "--flops-only",
+        action="store_true",
         help="only count the FLOPs per image, on the meta device (no weights, no timing; seconds even for ViT-H)",
     )
     return p
@@ -170,8 +174,16 @@ def make_engine_epoch(
     mask_ratio = mask_ratio_for(model, mask_ratio)
     scaler = NativeScalerWithGradNormCount(device, enabled=amp == "fp16")
     args = argparse.Namespace(
-        accum_iter=1, lr=1e-4, min_lr=1e-4, warmup_epochs=0, epochs=1, mask_ratio=mask_ratio, amp=amp,
-        clip_grad=None, print_freq=print_freq, batch_size=batch,
+        accum_iter=1,
+        lr=1e-4,
+        min_lr=1e-4,
+        warmup_epochs=0,
+        epochs=1,
+        mask_ratio=mask_ratio,
+        amp=amp,
+        clip_grad=None,
+        print_freq=print_freq,
+        batch_size=batch,
     )
     criterion = nn.CrossEntropyLoss()
 

@@ -55,8 +55,15 @@ def setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, argparse.Namespac
     model = build_pretrain_model(MODELS[family], 32, norm_pix_loss=True).double()
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     args = argparse.Namespace(
-        accum_iter=2 if family == "mae" else 1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1,
-        mask_ratio=0.75 if family == "mae" else 0.5, amp="none", clip_grad=None, print_freq=10,
+        accum_iter=2 if family == "mae" else 1,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_epochs=0,
+        epochs=1,
+        mask_ratio=0.75 if family == "mae" else 0.5,
+        amp="none",
+        clip_grad=None,
+        print_freq=10,
     )
     return model, images, args
 
@@ -74,8 +81,16 @@ def train_step(wrapped: torch.nn.Module, inner: torch.nn.Module, images: torch.T
 def nan_on_one_rank(out: Path) -> None:
     model = nan_at_call(3, when=lambda: get_rank() == 1)
     args = argparse.Namespace(
-        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, amp="none", clip_grad=None,
-        print_freq=10, batch_size=2,
+        accum_iter=1,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_epochs=0,
+        epochs=1,
+        mask_ratio=0.75,
+        amp="none",
+        clip_grad=None,
+        print_freq=10,
+        batch_size=2,
     )
     loader = [(torch.randn(2, 3, 4, 4), torch.zeros(2)) for _ in range(4)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -99,8 +114,17 @@ def finetune_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, argpa
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g, dtype=torch.float64)
     labels = torch.randint(0, FINETUNE_CLASSES, (GLOBAL_BATCH,), generator=g)
     args = argparse.Namespace(
-        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, amp="none", print_freq=10, smoothing=0.1,
-        weight_decay=0.05, layer_decay=0.75, clip_grad=0.5,
+        accum_iter=1,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_epochs=0,
+        epochs=1,
+        amp="none",
+        print_freq=10,
+        smoothing=0.1,
+        weight_decay=0.05,
+        layer_decay=0.75,
+        clip_grad=0.5,
     )
     return model, images, labels, args
 
@@ -110,8 +134,15 @@ def finetune_step(model: torch.nn.Module, inner: torch.nn.Module, images, labels
     optimizer = finetune_optimizer(inner, args.lr, args.weight_decay, args.layer_decay, "cpu")
     scaler = NativeScalerWithGradNormCount("cpu", enabled=False)
     engine_finetune.train_one_epoch(
-        model, LabelSmoothingCrossEntropy(args.smoothing), [(images, labels)], optimizer, torch.device("cpu"), 0,
-        scaler, max_norm=args.clip_grad, args=args,
+        model,
+        LabelSmoothingCrossEntropy(args.smoothing),
+        [(images, labels)],
+        optimizer,
+        torch.device("cpu"),
+        0,
+        scaler,
+        max_norm=args.clip_grad,
+        args=args,
     )
 
 
@@ -119,8 +150,26 @@ def evaluate_checkpoint(out: Path, data: str, checkpoint: str, extra: list[str])
     import main_finetune
 
     args = main_finetune.get_args_parser().parse_args(
-        ["--eval", "--resume", checkpoint, "--model", "vit_tiny_patch4", "--input_size", "32", "--nb_classes", "2",
-         "--batch_size", "2", "--data_path", data, "--device", "cpu", "--num_workers", "0", *extra]
+        [
+            "--eval",
+            "--resume",
+            checkpoint,
+            "--model",
+            "vit_tiny_patch4",
+            "--input_size",
+            "32",
+            "--nb_classes",
+            "2",
+            "--batch_size",
+            "2",
+            "--data_path",
+            data,
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            *extra,
+        ]
     )
     stats = main_finetune.main(args)
     (out / f"stats{get_rank()}.json").write_text(json.dumps(stats))

@@ -69,8 +69,26 @@ def restore_log_levels():
 def test_rows_and_json(tmp_path: Path, loop: str, restore_log_levels) -> None:
     out = tmp_path / "bench.json"
     argv = [
-        "--device", "cpu", "--models", "mae_vit_tiny_patch4", "--batch-size", "2", "--amp", "none", "--loop", loop,
-        "--warmup", "1", "--steps", "2", "--repeats", "2", "--peak-tflops", "0.5", "--json", str(out),
+        "--device",
+        "cpu",
+        "--models",
+        "mae_vit_tiny_patch4",
+        "--batch-size",
+        "2",
+        "--amp",
+        "none",
+        "--loop",
+        loop,
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--repeats",
+        "2",
+        "--peak-tflops",
+        "0.5",
+        "--json",
+        str(out),
     ]
     rows = bench_train.main(bench_train.get_args_parser().parse_args(argv))
     saved = json.loads(out.read_text())["results"]
@@ -109,9 +127,15 @@ def test_flops_only_counts_on_the_meta_device_what_a_real_device_counts(
         ("vit_base_patch16", 86_567_656),  # ViT-B/16 with a 1000-class head, the figure of the ViT paper's model
         # vit_tiny_patch4 (10 classes): patch embedding, cls token, 65 positions, 6 blocks of width 192 with MLP
         # ratio 4 (2 norms, qkv, proj, fc1, fc2), the final norm, the head
-        ("vit_tiny_patch4", (3 * 16 * 192 + 192) + 192 + 65 * 192
-         + 6 * (4 * 192 + (192 * 576 + 576) + (192 * 192 + 192) + (192 * 768 + 768) + (768 * 192 + 192))
-         + 2 * 192 + (192 * 1000 + 1000)),
+        (
+            "vit_tiny_patch4",
+            (3 * 16 * 192 + 192)
+            + 192
+            + 65 * 192
+            + 6 * (4 * 192 + (192 * 576 + 576) + (192 * 192 + 192) + (192 * 768 + 768) + (768 * 192 + 192))
+            + 2 * 192
+            + (192 * 1000 + 1000),
+        ),
     ],
 )
 def test_flops_only_counts_the_parameters(name: str, params: int, restore_log_levels) -> None:

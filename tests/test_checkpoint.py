@@ -98,8 +98,10 @@ def test_finetune_loads_values_and_inits_the_head(tmp_path: Path) -> None:
 def test_finetuned_encoder_gives_the_pretrained_features(tmp_path: Path, family: str) -> None:
     """After ``--finetune`` from a pretraining checkpoint, the classifier's encoder computes exactly the pretraining
     encoder's features (no mask): nothing that matters was dropped, renamed or re-initialised."""
-    pre_name, ft_name, size = {"mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4", 32),
-                               "mixmim": ("mixmim_tiny", "mixmim_tiny_ft", 64)}[family]
+    pre_name, ft_name, size = {
+        "mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4", 32),
+        "mixmim": ("mixmim_tiny", "mixmim_tiny_ft", 64),
+    }[family]
     torch.manual_seed(0)
     pretrained = build_pretrain_model(pre_name, size)
     with torch.no_grad():  # move every weight away from its initial value, so that a skipped key would show

@@ -119,13 +119,17 @@ def test_every_script_reshuffles_at_every_epoch(tmp_path, monkeypatch) -> None:
         torch.utils.data.DistributedSampler, "set_epoch", lambda self, e: (calls.append(e), original(self, e))[1]
     )
     data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
-    for script, model in ((main_pretrain, "mae_vit_tiny_patch4"), (main_finetune, "vit_tiny_patch4"),
-                          (main_linprobe, "vit_tiny_patch4")):
+    for script, model in (
+        (main_pretrain, "mae_vit_tiny_patch4"),
+        (main_finetune, "vit_tiny_patch4"),
+        (main_linprobe, "vit_tiny_patch4"),
+    ):
         calls.clear()
         extra = {} if script is main_pretrain else {"nb_classes": 2}
         out = tmp_path / script.__name__
-        script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, model=model, epochs=3, warmup_epochs=0,
-                                                                    **extra)))
+        script.main(
+            parse(script.get_args_parser(), **tiny_run_args(data, out, model=model, epochs=3, warmup_epochs=0, **extra))
+        )
         assert calls == [0, 1, 2], script.__name__
 
 

@@ -89,12 +89,30 @@ def test_fast_demo_pretraining_beats_random_init(tmp_path):
     margin is 8. Fine-tuning gets one step here, so only its bookkeeping is checked.
     """
     torch.manual_seed(0)
-    args = demo.get_args_parser().parse_args([
-        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
-        "--pretrain_images", "3200", "--pretrain_epochs", "1",
-        "--labelled_images", "1000", "--test_images", "500",
-        "--finetune_images", "128", "--finetune_epochs", "1", "--num_vis", "2",
-    ])
+    args = demo.get_args_parser().parse_args(
+        [
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+            "--pretrain_images",
+            "3200",
+            "--pretrain_epochs",
+            "1",
+            "--labelled_images",
+            "1000",
+            "--test_images",
+            "500",
+            "--finetune_images",
+            "128",
+            "--finetune_epochs",
+            "1",
+            "--num_vis",
+            "2",
+        ]
+    )
     results = demo.main(args)
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())

@@ -27,13 +27,20 @@ cleanup()
 
 def test_slurm_tasks_join_one_process_group():
     port = free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", TASK, str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            [sys.executable, "-c", TASK, str(port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
         )
         for rank in range(2)
     ]

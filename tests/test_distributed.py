@@ -79,14 +79,28 @@ def test_evaluation_on_two_ranks_equals_one_process(tmp_path: Path, dist_eval: b
     torch.save({"model": model.state_dict()}, ckpt)
 
     proc = run_torchrun(
-        [str(ROOT / "tests" / "ddp_step.py"), "eval", str(tmp_path), str(data), str(ckpt),
-         *(["--dist_eval"] if dist_eval else [])],
+        [
+            str(ROOT / "tests" / "ddp_step.py"),
+            "eval",
+            str(tmp_path),
+            str(data),
+            str(ckpt),
+            *(["--dist_eval"] if dist_eval else []),
+        ],
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = parse(
-        main_finetune.get_args_parser(), eval=True, resume=ckpt, model="vit_tiny_patch4", input_size=32,
-        nb_classes=2, batch_size=2, data_path=data, device="cpu", num_workers=0,
+        main_finetune.get_args_parser(),
+        eval=True,
+        resume=ckpt,
+        model="vit_tiny_patch4",
+        input_size=32,
+        nb_classes=2,
+        batch_size=2,
+        data_path=data,
+        device="cpu",
+        num_workers=0,
     )
     single = main_finetune.main(args)
     assert single["loss"] > 0

@@ -21,8 +21,16 @@ CPU = torch.device("cpu")
 
 def engine_args(**kw) -> argparse.Namespace:
     base = dict(
-        accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, amp="none", clip_grad=None,
-        print_freq=10, batch_size=4,
+        accum_iter=1,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_epochs=0,
+        epochs=1,
+        mask_ratio=0.75,
+        amp="none",
+        clip_grad=None,
+        print_freq=10,
+        batch_size=4,
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -106,16 +114,23 @@ def test_metrics_read_back_at_log_steps_equal_the_per_step_values() -> None:
     writer = RecordingWriter()
     args = engine_args(accum_iter=2, lr=0.0, print_freq=4, batch_size=2)
     stats = engine_pretrain.train_one_epoch(
-        model, loader(torch.zeros(12, 1), torch.zeros(12), 6), torch.optim.SGD(model.parameters(), lr=0.0), CPU, 0,
-        NativeScalerWithGradNormCount(CPU, False), log_writer=writer, args=args,
+        model,
+        loader(torch.zeros(12, 1), torch.zeros(12), 6),
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        CPU,
+        0,
+        NativeScalerWithGradNormCount(CPU, False),
+        log_writer=writer,
+        args=args,
     )
     assert stats["loss"] == pytest.approx(sum(3 * k for k in range(1, 7)) / 6)
     # the update after calls k and k+1 sees the accumulated gradient (k + (k+1)) / 2 in each of 3 elements
     norms = [(k + k + 1) / 2 * 3**0.5 for k in (1, 3, 5)]
     assert stats["grad_norm"] == pytest.approx(sum(norms) / 3)
     xs = [int(step / 6 * 1000) for step in (1, 3, 5)]  # the update steps
-    assert [s for s in writer.scalars if s[0] == "train_loss"] == [("train_loss", 3.0 * (s + 1), x) for s, x in
-                                                                   zip((1, 3, 5), xs, strict=True)]
+    assert [s for s in writer.scalars if s[0] == "train_loss"] == [
+        ("train_loss", 3.0 * (s + 1), x) for s, x in zip((1, 3, 5), xs, strict=True)
+    ]
     got_norms = [(v, x) for tag, v, x in writer.scalars if tag == "grad_norm"]
     assert [x for _, x in got_norms] == xs
     assert [v for v, _ in got_norms] == pytest.approx(norms)
@@ -276,8 +291,15 @@ def test_mixup_and_cutmix_mix_the_images_with_the_weight_of_the_labels(mode: str
     np.random.seed(3)  # timm's Mixup draws lam and the box with numpy (and mixes the batch in place: x.clone())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     engine_finetune.train_one_epoch(
-        model, criterion, [(x.clone(), y)], opt, CPU, 0, NativeScalerWithGradNormCount(CPU, enabled=False),
-        mixup_fn=mixup_fn, args=engine_args(),
+        model,
+        criterion,
+        [(x.clone(), y)],
+        opt,
+        CPU,
+        0,
+        NativeScalerWithGradNormCount(CPU, enabled=False),
+        mixup_fn=mixup_fn,
+        args=engine_args(),
     )
     seen, targets = model.seen[0], criterion.targets[0]
     off = 0.1 / 3

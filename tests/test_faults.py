@@ -37,8 +37,20 @@ MODELS = {  # (pretraining, classifier) per family
 
 def argv(data: Path, out: Path, **kw) -> list[str]:
     """A tiny CPU run's command line (8 training images, batch 4: 2 steps per epoch)."""
-    kw = {**dict(data_path=data, output_dir=out, log_dir=out, device="cpu", num_workers=0, input_size=32,
-                 batch_size=4, print_freq=100, epochs=1), **kw}
+    kw = {
+        **dict(
+            data_path=data,
+            output_dir=out,
+            log_dir=out,
+            device="cpu",
+            num_workers=0,
+            input_size=32,
+            batch_size=4,
+            print_freq=100,
+            epochs=1,
+        ),
+        **kw,
+    }
     args = []
     for k, v in kw.items():
         if v is not None:
@@ -146,9 +158,16 @@ def test_torchrun_restarts_a_killed_rank_and_resumes(data: Path, tmp_path: Path)
     out, marker = tmp_path / "out", tmp_path / "fired"
     env = {**env_without_dist(), "MAE_FAULT_INJECT": "step:3@rank1", "MAE_FAULT_INJECT_ONCE": str(marker)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-        "--monitor-interval=0.2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        "main_pretrain.py", *argv(data, out, model="mae_vit_tiny_patch4", epochs=2, warmup_epochs=1, batch_size=2),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--monitor-interval=0.2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "main_pretrain.py",
+        *argv(data, out, model="mae_vit_tiny_patch4", epochs=2, warmup_epochs=1, batch_size=2),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -310,8 +329,10 @@ def _bad_args_cases() -> list:
             common += [(dict(model=cls, mask_ratio=1.5), r"--mask_ratio must be in \(0, 1\)")]
         else:
             common += [(dict(model=pre, nb_classes=0), "--nb_classes must be at least 1, got 0")]
-        cases += [pytest.param(name, kw, msg, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}")
-                  for kw, msg in common]
+        cases += [
+            pytest.param(name, kw, msg, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}")
+            for kw, msg in common
+        ]
     return cases
 
 

@@ -119,7 +119,6 @@ def test_norm_pix_loss_target_is_normalised_per_patch():
     assert model.forward_loss(imgs, normed, mask).item() == pytest.approx(0.0, abs=1e-10)
 
 
-
 def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
     """The target is (x - mean) / sqrt(var + 1e-6) per patch (unbiased var, as official). A constant patch (black
     padding) gives target 0, not 0/0; a patch of variance v gives, against pred = 0, the loss (n-1)/n * v/(v+1e-6)."""
@@ -132,6 +131,7 @@ def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
     v = 16 * 1e-6 / (n - 1)  # 16 entries of +-1e-3 around mean 0 in the patch, unbiased variance
     expected = (n - 1) / n * v / (v + 1e-6) / 64  # patch 0's loss, averaged over the 64 masked patches
     assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(expected, rel=1e-12)
+
 
 @pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"])
 @pytest.mark.parametrize("suffix", ["", "_dec512d8b"])  # the official factories and their aliases

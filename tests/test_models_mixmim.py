@@ -194,7 +194,6 @@ def test_unmixed_prediction_of_an_image_depends_on_that_image_only():
     assert loss.item() == pytest.approx(((u - model.patchify(x)) ** 2).mean().item(), rel=1e-6)
 
 
-
 def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
     """As MAE: target (x - mean) / sqrt(var + 1e-6) per patch. Black images give loss 0, not NaN; one patch of
     variance v among the 4 of two 32x32 images gives, against a zero prediction, (n-1)/n * v/(v+1e-6) / 8."""
@@ -208,6 +207,7 @@ def test_norm_pix_loss_epsilon_keeps_flat_patches_finite():
     v = 256 * 1e-6 / (n - 1)
     expected = (n - 1) / n * v / (v + 1e-6) / 8  # one patch of 2 images x 4 patches
     assert model.forward_loss(imgs, rec, mask).item() == pytest.approx(expected, rel=1e-12)
+
 
 def test_patchify_round_trip():
     model = models_mixmim.mixmim_tiny()
@@ -359,8 +359,12 @@ def test_official_state_dicts_load_strictly(name):
 def test_finetune_names_resolve_to_classifiers():
     """The official fine-tuning scripts' names (--model mixmim_base ...) are our *_ft classifiers."""
     expected = {
-        "mixmim_base": "mixmim_base_ft", "mixmim_base_384": "mixmim_base_384_ft", "mixmim_large": "mixmim_large_ft",
-        "mixmim_large_384": "mixmim_large_384_ft", "mixmim_huge": "mixmim_huge_ft", "mixmim_tiny": "mixmim_tiny_ft",
+        "mixmim_base": "mixmim_base_ft",
+        "mixmim_base_384": "mixmim_base_384_ft",
+        "mixmim_large": "mixmim_large_ft",
+        "mixmim_large_384": "mixmim_large_384_ft",
+        "mixmim_huge": "mixmim_huge_ft",
+        "mixmim_tiny": "mixmim_tiny_ft",
     }
     for official, ours in expected.items():
         assert timm.is_model(official) == (not official.endswith("_384"))
@@ -392,9 +396,7 @@ def test_interpolation_224_to_384_matches_official():
         ), k
         # values at 16 fixed positions: a transposed grid or another interpolation mode keeps sum and norm
         # (nearly) but moves these
-        torch.testing.assert_close(
-            ckpt[k].flatten()[v["at"]], torch.tensor(v["values"]), rtol=0, atol=2e-5, msg=k
-        )
+        torch.testing.assert_close(ckpt[k].flatten()[v["at"]], torch.tensor(v["values"]), rtol=0, atol=2e-5, msg=k)
 
     official_384 = OFFICIAL_KEYS["mixmim_base_384_ft"]
     full = {k: torch.zeros(s) for k, s in OFFICIAL_KEYS["mixmim_base_ft"].items()}

@@ -90,4 +90,3 @@ def test_drop_path_rate_is_linear_over_depth():
     model = models_vit.vit_tiny_patch4(drop_path_rate=0.5)
     rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0 for blk in model.blocks]
     assert rates == pytest.approx([0.5 * i / 5 for i in range(6)])
-

@@ -110,7 +110,11 @@ def test_finetuning_transform() -> None:
     args = main_finetune.get_args_parser().parse_args([])
     names = [type(t).__name__ for t in finetune_transform(args).transforms]
     assert names == [
-        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybeToTensor", "Normalize",
+        "RandomResizedCropAndInterpolation",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "MaybeToTensor",
+        "Normalize",
         "RandomErasing",
     ]  # no ColorJitter: the official color_jitter=None with RandAugment on
     crop, flip, ra, _, normalize, erase = finetune_transform(args).transforms
@@ -119,9 +123,23 @@ def test_finetuning_transform() -> None:
     assert flip.p == 0.5
     assert ra.num_layers == 2 and ra.choice_weights is None
     assert sorted(op.name for op in ra.ops) == sorted(
-        ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-         "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-         "TranslateXRel", "TranslateYRel"]
+        [
+            "AutoContrast",
+            "Equalize",
+            "Invert",
+            "Rotate",
+            "PosterizeIncreasing",
+            "SolarizeIncreasing",
+            "SolarizeAdd",
+            "ColorIncreasing",
+            "ContrastIncreasing",
+            "BrightnessIncreasing",
+            "SharpnessIncreasing",
+            "ShearX",
+            "ShearY",
+            "TranslateXRel",
+            "TranslateYRel",
+        ]
     )
     for op in ra.ops:
         assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 9, 0.5), op.name

@@ -25,10 +25,18 @@ def official_no_decay(model: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize(
     "build, decayed, undecayed, frozen",
     [
-        (models_mae.mae_vit_tiny_patch4, {"cls_token", "mask_token", "patch_embed.proj.weight"},
-         {"norm.weight", "blocks.0.attn.qkv.bias", "decoder_embed.bias"}, {"pos_embed", "decoder_pos_embed"}),
-        (models_mixmim.mixmim_tiny, {"mask_token", "patch_embed.proj.weight"},
-         {"layers.0.blocks.0.norm1.weight", "layers.0.blocks.0.attn.proj.bias"}, {"absolute_pos_embed"}),
+        (
+            models_mae.mae_vit_tiny_patch4,
+            {"cls_token", "mask_token", "patch_embed.proj.weight"},
+            {"norm.weight", "blocks.0.attn.qkv.bias", "decoder_embed.bias"},
+            {"pos_embed", "decoder_pos_embed"},
+        ),
+        (
+            models_mixmim.mixmim_tiny,
+            {"mask_token", "patch_embed.proj.weight"},
+            {"layers.0.blocks.0.norm1.weight", "layers.0.blocks.0.attn.proj.bias"},
+            {"absolute_pos_embed"},
+        ),
     ],
     ids=["mae", "mixmim"],
 )

@@ -43,8 +43,9 @@ def test_each_architecture_answers_every_question(arch: table.Architecture) -> N
         pre = timm.create_model(arch.pretrain) if arch.pretrain else None
     assert table.family_of(clf) == table.family_of(arch.classifier) == arch.family
     assert not table.is_pretrain_model(clf)
-    assert table.default_input_size(arch.classifier) == (clf.img_size if arch.family == "mixmim" else
-                                                          clf.patch_embed.img_size[0])
+    assert table.default_input_size(arch.classifier) == (
+        clf.img_size if arch.family == "mixmim" else clf.patch_embed.img_size[0]
+    )
     for official in arch.official_names:
         assert table.resolve_classifier_name(official) == arch.classifier
     if pre is not None:

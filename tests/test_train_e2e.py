@@ -47,7 +47,9 @@ def test_pretrain_finetune_eval_linprobe(tmp_path: Path, family: str) -> None:
     )
     main_pretrain.main(args)
     assert sorted(p.name for p in pre.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"
+        "checkpoint-0.pth",
+        "checkpoint-1.pth",
+        "checkpoint-last.pth",
     ]
     assert not list(pre.glob(".*tmp*"))
     ckpt = torch.load(pre / "checkpoint-last.pth", map_location="cpu", weights_only=True)
@@ -69,8 +71,19 @@ def test_pretrain_finetune_eval_linprobe(tmp_path: Path, family: str) -> None:
     ft = tmp_path / "ft"
     args = parse(
         main_finetune.get_args_parser(),
-        **tiny_run_args(data, ft, model=ft_model, epochs=1, warmup_epochs=0, nb_classes=2, blr=1e-3, mixup=0.8,
-                        cutmix=1.0, drop_path=0.0, finetune=pre / "checkpoint-1.pth"),
+        **tiny_run_args(
+            data,
+            ft,
+            model=ft_model,
+            epochs=1,
+            warmup_epochs=0,
+            nb_classes=2,
+            blr=1e-3,
+            mixup=0.8,
+            cutmix=1.0,
+            drop_path=0.0,
+            finetune=pre / "checkpoint-1.pth",
+        ),
     )
     ft_stats = main_finetune.main(args)
     assert (ft / "checkpoint-0.pth").is_file() and (ft / "checkpoint-last.pth").is_file()
@@ -97,8 +110,9 @@ def test_pretrain_finetune_eval_linprobe(tmp_path: Path, family: str) -> None:
     lp = tmp_path / "lp"
     args = parse(
         main_linprobe.get_args_parser(),
-        **tiny_run_args(data, lp, model=pre_model, epochs=1, warmup_epochs=0, nb_classes=2,
-                        finetune=pre / "checkpoint-1.pth"),
+        **tiny_run_args(
+            data, lp, model=pre_model, epochs=1, warmup_epochs=0, nb_classes=2, finetune=pre / "checkpoint-1.pth"
+        ),
     )
     lp_stats = main_linprobe.main(args)
     lp_ckpt = torch.load(lp / "checkpoint-last.pth", map_location="cpu", weights_only=True)

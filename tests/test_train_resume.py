@@ -34,7 +34,8 @@ RUNS = {
     "pretrain-mixmim-path": (main_pretrain, "path", dict(model="mixmim_tiny", warmup_epochs=1)),
     # augmentation, mixup/cutmix (numpy) and drop path all draw random numbers
     "finetune-mixup-path": (
-        main_finetune, "path",
+        main_finetune,
+        "path",
         dict(model="vit_tiny_patch4", warmup_epochs=1, nb_classes=2, mixup=0.8, cutmix=1.0, drop_path=0.1),
     ),
     # LARS momentum and the probe's BatchNorm statistics must come back too
@@ -74,10 +75,17 @@ def test_save_freq_numbers_every_nth_epoch_and_the_last(tmp_path: Path, script) 
     out = tmp_path / "out"
     script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=4, **extra)))
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-last.pth"
+        "checkpoint-0.pth",
+        "checkpoint-2.pth",
+        "checkpoint-3.pth",
+        "checkpoint-last.pth",
     ]
     script.main(parse(script.get_args_parser(), **tiny_run_args(data, out, epochs=7, resume="auto", **extra)))
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-6.pth",
+        "checkpoint-0.pth",
+        "checkpoint-2.pth",
+        "checkpoint-3.pth",
+        "checkpoint-4.pth",
+        "checkpoint-6.pth",
         "checkpoint-last.pth",
     ]

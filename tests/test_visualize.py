@@ -28,8 +28,9 @@ def _run(tmp_path, checkpoint: dict, images: list[str], *flags: str) -> list:
     path = tmp_path / "ckpt.pth"
     torch.save(checkpoint, path)
     parser = visualize.get_args_parser()
-    args = parser.parse_args(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--images", *images,
-                              *flags])
+    args = parser.parse_args(
+        ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--images", *images, *flags]
+    )
     return visualize.main(args)
 
 
@@ -40,8 +41,11 @@ def test_mae_panels(tmp_path, official):
     if official:  # mae_visualize_vit_*.pth: only the weights, the model is named on the command line
         checkpoint, flags = {"model": model.state_dict()}, ["--model", "mae_vit_tiny_patch4"]
     else:  # ours: the checkpoint names the model and records norm_pix_loss and the input size
-        checkpoint = {"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4",
-                      "args": {"input_size": 32, "norm_pix_loss": True}}
+        checkpoint = {
+            "model": model.state_dict(),
+            "model_name": "mae_vit_tiny_patch4",
+            "args": {"input_size": 32, "norm_pix_loss": True},
+        }
         flags = []
     images = _write_images(tmp_path, 3)
     paths = _run(tmp_path, checkpoint, images, *flags)
@@ -53,8 +57,14 @@ def test_mae_panels(tmp_path, official):
     grid = Image.open(tmp_path / "out" / "reconstructions.png")
     assert grid.size == (visualize.panel_size(32, 32, scale)[0], 3 * visualize.panel_size(32, 32, scale)[1])
     # the first tile is the input image, as loaded (resized to 32x32) and upscaled
-    tile = Image.open(paths[0]).crop((visualize.GAP, visualize.TITLE_HEIGHT + visualize.GAP,
-                                      visualize.GAP + 128, visualize.TITLE_HEIGHT + visualize.GAP + 128))
+    tile = Image.open(paths[0]).crop(
+        (
+            visualize.GAP,
+            visualize.TITLE_HEIGHT + visualize.GAP,
+            visualize.GAP + 128,
+            visualize.TITLE_HEIGHT + visualize.GAP + 128,
+        )
+    )
     expected = Image.open(images[0]).convert("RGB").resize((32, 32), Image.BICUBIC).resize((128, 128), Image.NEAREST)
     diff = np.abs(np.asarray(tile, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
     assert diff.max() <= 1  # normalised and back: at most a rounding step

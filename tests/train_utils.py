@@ -43,8 +43,15 @@ def parse(parser: argparse.ArgumentParser, **overrides) -> argparse.Namespace:
 def tiny_run_args(data: Path, out: Path, **overrides) -> dict:
     """Arguments shared by the end-to-end runs: CPU, no workers, 32x32 images, tiny batches."""
     return dict(
-        data_path=data, output_dir=out, log_dir=out, device="cpu", num_workers=0, input_size=32,
-        batch_size=4, print_freq=100, **overrides,
+        data_path=data,
+        output_dir=out,
+        log_dir=out,
+        device="cpu",
+        num_workers=0,
+        input_size=32,
+        batch_size=4,
+        print_freq=100,
+        **overrides,
     )
 
 
@@ -119,11 +126,21 @@ def run_torchrun(
 ) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=nproc`` on a free port; the whole process group is killed on timeout."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_and_args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *script_and_args,
     ]
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env_without_dist(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cmd,
+        cwd=cwd,
+        env=env_without_dist(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:

@@ -114,9 +114,7 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    numbered = sorted(
-        (int(m.group(1)), p) for p in out.iterdir() if (m := _NUMBERED.match(p.name)) and p.is_file()
-    )
+    numbered = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _NUMBERED.match(p.name)) and p.is_file())
     candidates = [out / LAST] if (out / LAST).is_file() else []
     candidates += [p for _, p in reversed(numbered)]
     for path in candidates:

@@ -34,18 +34,23 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
 
     new = parser.add_argument_group("not in the official scripts")
     new.add_argument(
-        "--amp", default=None, choices=["bf16", "fp16", "none"],
+        "--amp",
+        default=None,
+        choices=["bf16", "fp16", "none"],
         help="mixed precision; default bf16 on CUDA devices that support it, fp16 on older GPUs, none on CPU",
     )
     new.add_argument("--compile", action="store_true", help="torch.compile the model")
     new.add_argument(
-        "--print_freq", default=20, type=int,
+        "--print_freq",
+        default=20,
+        type=int,
         help="log a progress line, and read the losses back from the device, every N steps",
     )
     new.add_argument(
-        "--skip_bad_images", action="store_true",
+        "--skip_bad_images",
+        action="store_true",
         help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
-             "stopping at the first one",
+        "stopping at the first one",
     )
 
 

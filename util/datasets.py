@@ -134,7 +134,10 @@ class CheckedLoader:
         if this_pass:
             logger.warning(
                 "%s: skipped %d unreadable images in this pass (%d distinct so far, rank %d)",
-                self.what, len(this_pass), len(self._ever_skipped), get_rank(),
+                self.what,
+                len(this_pass),
+                len(self._ever_skipped),
+                get_rank(),
             )
 
 
@@ -229,18 +232,20 @@ def finetune_transform(args: argparse.Namespace):
     Posterize with 0 bits (RandAugment at magnitude 10) gives a black image, as it did with the Pillow of the
     official code; Pillow 13 would raise instead.
     """
-    return _posterize_safe(create_transform(
-        input_size=args.input_size,
-        is_training=True,
-        color_jitter=args.color_jitter,
-        auto_augment=args.aa,
-        interpolation="bicubic",
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    ))
+    return _posterize_safe(
+        create_transform(
+            input_size=args.input_size,
+            is_training=True,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation="bicubic",
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
+    )
 
 
 def linprobe_transform(input_size: int) -> transforms.Compose:
@@ -292,7 +297,8 @@ def val_loader(dataset, args: argparse.Namespace, device: torch.device):
         if len(dataset) % get_world_size() != 0:
             logger.warning(
                 "distributed evaluation with %d images on %d processes: some images are counted twice",
-                len(dataset), get_world_size(),
+                len(dataset),
+                get_world_size(),
             )
         # shuffle=True as official, to reduce monitoring bias
         sampler = torch.utils.data.DistributedSampler(

@@ -118,9 +118,7 @@ class MetricLogger:
     def global_averages(self) -> dict[str, float]:
         return {k: meter.global_avg for k, meter in self.meters.items()}
 
-    def log_every(
-        self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 0
-    ) -> Iterator:
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 0) -> Iterator:
         """Yield from ``iterable``, logging every ``print_freq`` steps and at the last one.
 
         ``images_per_step``: images processed per step over all processes, for the images/s figure.

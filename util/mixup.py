@@ -20,9 +20,14 @@ def build_mixup(args: argparse.Namespace) -> Mixup | None:
         raise UsageError(f"mixup/cutmix needs an even --batch_size, got {args.batch_size}")
     logger.info("Mixup is activated!")
     return Mixup(
-        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-        label_smoothing=args.smoothing, num_classes=args.nb_classes,
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=args.nb_classes,
     )
 
 

@@ -92,8 +92,10 @@ def classifier_model_names() -> list[str]:
 
 
 def _unknown(name: str) -> UsageError:
-    return UsageError(f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
-                      f"classifiers: {', '.join(classifier_model_names())}")
+    return UsageError(
+        f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
+        f"classifiers: {', '.join(classifier_model_names())}"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -229,9 +231,7 @@ def build_classifier(
 
 def add_probe_head(model: nn.Module) -> None:
     """Replace ``model.head`` by BatchNorm1d (no affine, eps 1e-6) + the head, and freeze everything else."""
-    model.head = nn.Sequential(
-        nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head
-    )
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for p in model.parameters():
         p.requires_grad = False
     for p in model.head.parameters():
