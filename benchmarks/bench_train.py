@@ -59,6 +59,7 @@ import models_mixmim  # noqa: E402,F401
 import models_vit  # noqa: E402,F401
 from util.amp import NativeScalerWithGradNormCount, autocast  # noqa: E402
 from util.models import compile_model, family_defaults, is_pretrain_model  # noqa: E402
+from util.optim import finetune_optimizer, pretrain_optimizer  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 
@@ -114,12 +115,11 @@ def input_size(model: nn.Module) -> int:
 
 
 def make_optimizer(model: nn.Module, device: torch.device, fused: bool) -> torch.optim.Optimizer:
-    """AdamW as in the training scripts: no weight decay on 1-D parameters, fused kernels on CUDA."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}]
-    use_fused = True if (fused and device.type == "cuda") else None
-    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
+    """The training scripts' AdamW (util/optim.py): pretraining's two weight-decay groups, or fine-tuning's
+    layer-decay groups (0.75); fused kernels on CUDA unless ``--no-fused``."""
+    if is_pretrain_model(model):
+        return pretrain_optimizer(model, 1e-4, 0.05, device, fused=fused)
+    return finetune_optimizer(model, 1e-4, 0.05, 0.75, device, fused=fused)
 
 
 def make_step(

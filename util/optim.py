@@ -39,22 +39,24 @@ def scaled_lr(args: argparse.Namespace) -> float:
     return lr
 
 
-def _fused(device: torch.device | str) -> bool | None:
-    return True if torch.device(device).type == "cuda" else None
+def _fused(device: torch.device | str, fused: bool) -> bool | None:
+    return True if fused and torch.device(device).type == "cuda" else None
 
 
-def pretrain_optimizer(model: nn.Module, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+def pretrain_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device, fused: bool = True
+) -> torch.optim.AdamW:
     groups = param_groups_weight_decay(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=_fused(device))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=_fused(device, fused))
 
 
 def finetune_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, device
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, device, fused: bool = True
 ) -> torch.optim.AdamW:
     groups = param_groups_lrd(
         model, weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay
     )
-    return torch.optim.AdamW(groups, lr=lr, fused=_fused(device))
+    return torch.optim.AdamW(groups, lr=lr, fused=_fused(device, fused))
 
 
 def linprobe_optimizer(head: nn.Module, lr: float, weight_decay: float) -> LARS:
