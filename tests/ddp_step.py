@@ -36,7 +36,7 @@ from train_utils import NoiseFromImages, nan_at_call  # noqa: E402
 import engine_finetune  # noqa: E402
 import engine_pretrain  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
-from util.dist import get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
+from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
 from util.errors import NonFiniteLossError  # noqa: E402
 from util.models import build_classifier, build_pretrain_model  # noqa: E402
 from util.optim import finetune_optimizer, pretrain_optimizer  # noqa: E402
@@ -173,6 +173,7 @@ def evaluate_checkpoint(out: Path, data: str, checkpoint: str, extra: list[str])
     )
     stats = main_finetune.main(args)
     (out / f"stats{get_rank()}.json").write_text(json.dumps(stats))
+    cleanup()  # leave the process group before exiting, as run_cli does (else gloo may abort at exit)
 
 
 def main() -> None:
