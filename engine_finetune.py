@@ -14,8 +14,10 @@ import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
 from util.dist import get_world_size, maybe_no_sync
+from util.errors import Preempted
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
-from util.run import begin_epoch, log_epoch, save_epoch_checkpoint
+from util.preemption import EpochControl
+from util.run import begin_epoch, epoch_control, log_epoch, save_epoch_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ def train_one_epoch(
     mixup_fn: Callable | None = None,
     log_writer: SummaryWriter | None = None,
     args: argparse.Namespace | None = None,
+    control: EpochControl | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``; returns the epoch averages (loss, lr (the largest), grad_norm)."""
     model.train(True)
@@ -39,15 +42,17 @@ def train_one_epoch(
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     accum_iter = args.accum_iter
-    steps = len(data_loader)
+    start = control.start_step if control is not None else 0  # an epoch resumed inside starts there
+    steps = start + len(data_loader)
+    batches = control.batches(data_loader) if control is not None else data_loader
     params = [p for p in model.parameters() if p.requires_grad]
 
-    metrics = StepMetrics(metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "loss")
+    metrics = StepMetrics(metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "loss", control)
     optimizer.zero_grad(set_to_none=True)
     kill_at = faults.step_killer()
     images_per_step = args.batch_size * get_world_size()
     for step, (samples, targets) in enumerate(
-        metric_logger.log_every(data_loader, args.print_freq, header, images_per_step)
+        metric_logger.log_every(batches, args.print_freq, header, images_per_step, first_step=start), start=start
     ):
         if kill_at is not None:  # tests only (MAE_FAULT_INJECT)
             kill_at(epoch * steps + step)
@@ -68,6 +73,8 @@ def train_one_epoch(
         if update:
             optimizer.zero_grad(set_to_none=True)
         metrics.push(step, loss, norm, max_lr, update)  # reads back to the host only at the steps that log
+        if control is not None:
+            control.after_step(step, update, steps)  # a checkpoint inside the epoch, if one is due
 
     metrics.flush()  # no-op after the last step; covers a loader that ended early
     metric_logger.synchronize_between_processes(device)
@@ -113,15 +120,19 @@ def fit(
     device: torch.device,
     max_norm: float | None,
     log_writer: SummaryWriter | None = None,
+    position: dict | None = None,
 ) -> dict[str, float]:
-    """The epochs of fine-tuning or linear probing from ``--start_epoch``: train, checkpoint, evaluate, log;
-    returns the last evaluation (acc1, acc5, loss)."""
+    """The epochs of fine-tuning or linear probing from ``--start_epoch`` (at ``position``'s step when resumed
+    inside it): train, checkpoint, evaluate, log; returns the last evaluation (acc1, acc5, loss)."""
     logger.info("Start training for %d epochs", args.epochs)
     start_time = time.time()
     max_accuracy = 0.0
     test_stats: dict[str, float] = {}
     for epoch in range(args.start_epoch, args.epochs):
-        begin_epoch(data_loader_train, args, epoch)
+        control = epoch_control(
+            args, epoch, model, optimizer, loss_scaler, position if epoch == args.start_epoch else None
+        )
+        begin_epoch(data_loader_train, args, epoch, control.start_step)
         train_stats = train_one_epoch(
             model,
             criterion,
@@ -134,8 +145,11 @@ def fit(
             mixup_fn,
             log_writer=log_writer,
             args=args,
+            control=control,
         )
         save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
+        if control.stop_agreed:  # a signal during the epoch's last progress line: stop after its checkpoint
+            raise Preempted(f"stopped on a signal at the end of epoch {epoch}; resume with --resume auto")
 
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
         max_accuracy = max(max_accuracy, test_stats["acc1"])

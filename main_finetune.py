@@ -236,7 +236,7 @@ def main(
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = build_criterion(args, mixup_fn)
     logger.info("criterion = %s", criterion)
-    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+    position = load_resume(args, model_without_ddp, optimizer, loss_scaler)  # inside an epoch, or None
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
@@ -257,6 +257,7 @@ def main(
         device,
         max_norm=args.clip_grad,
         log_writer=log_writer,
+        position=position,
     )
 
 

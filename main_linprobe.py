@@ -170,7 +170,7 @@ def main(
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
-    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+    position = load_resume(args, model_without_ddp, optimizer, loss_scaler)  # inside an epoch, or None
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
@@ -191,6 +191,7 @@ def main(
         device,
         max_norm=None,
         log_writer=log_writer,
+        position=position,
     )
 
 

@@ -178,10 +178,10 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
     optimizer = pretrain_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
-    load_resume(args, model_without_ddp, optimizer, loss_scaler)
+    position = load_resume(args, model_without_ddp, optimizer, loss_scaler)  # inside an epoch, or None
 
     log_writer = open_outputs(args)
-    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer)
+    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position)
 
 
 if __name__ == "__main__":

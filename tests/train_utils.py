@@ -41,8 +41,8 @@ def parse(parser: argparse.ArgumentParser, **overrides) -> argparse.Namespace:
 
 
 def tiny_run_args(data: Path, out: Path, **overrides) -> dict:
-    """Arguments shared by the end-to-end runs: CPU, no workers, 32x32 images, tiny batches."""
-    return dict(
+    """Arguments shared by the end-to-end runs: CPU, no workers, 32x32 images, tiny batches (``overrides`` win)."""
+    defaults = dict(
         data_path=data,
         output_dir=out,
         log_dir=out,
@@ -51,8 +51,8 @@ def tiny_run_args(data: Path, out: Path, **overrides) -> dict:
         input_size=32,
         batch_size=4,
         print_freq=100,
-        **overrides,
     )
+    return {**defaults, **overrides}
 
 
 class LossPerCall(nn.Module):
@@ -122,9 +122,10 @@ def free_port() -> int:
 
 
 def run_torchrun(
-    script_and_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240
+    script_and_args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=nproc`` on a free port; the whole process group is killed on timeout."""
+    """``torchrun --nproc_per_node=nproc`` on a free port (``env``: more environment variables); the whole process
+    group is killed on timeout."""
     cmd = [
         sys.executable,
         "-m",
@@ -137,7 +138,7 @@ def run_torchrun(
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env_without_dist(),
+        env={**env_without_dist(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -83,8 +83,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     loss_scaler,
     numbered: bool,
+    position: dict | None = None,
 ) -> None:
-    """Write ``checkpoint-last.pth`` and, if ``numbered``, ``checkpoint-{epoch}.pth`` (main process only)."""
+    """Write ``checkpoint-last.pth`` and, if ``numbered``, ``checkpoint-{epoch}.pth`` (main process only).
+
+    ``position``: for a checkpoint inside epoch ``epoch``, ``{"step": the next step, "rng": every rank's RNG
+    states}``; stored as the checkpoint's ``step`` and ``rng``.
+    """
     if not args.output_dir or not is_main_process():
         return
     state = {
@@ -95,12 +100,15 @@ def save_checkpoint(
         "args": args_to_dict(args),
         "model_name": getattr(args, "model_name", args.model),
     }
+    if position is not None:
+        state.update(position)
     out = Path(args.output_dir)
     last = out / LAST
     save_atomic(state, last)
     if numbered:
         _link_atomic(last, out / f"checkpoint-{epoch}.pth")
-    logger.info("saved %s%s", last, f" and checkpoint-{epoch}.pth" if numbered else "")
+    where = f" (epoch {epoch}, before step {position['step']})" if position is not None else ""
+    logger.info("saved %s%s%s", last, where, f" and checkpoint-{epoch}.pth" if numbered else "")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -214,10 +222,14 @@ def load_model_strict(model: nn.Module, state_dict: dict, source: str) -> None:
 
 def load_resume(
     args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_scaler
-) -> None:
-    """Load ``--resume`` (after ``resolve_resume``): weights always; optimizer, scaler and epoch unless ``--eval``."""
+) -> dict | None:
+    """Load ``--resume`` (after ``resolve_resume``): weights always; optimizer, scaler and epoch unless ``--eval``.
+
+    Returns the position inside ``args.start_epoch`` for a checkpoint written inside an epoch (``{"step", "rng"}``,
+    for ``engine_*.fit``), else None.
+    """
     if not args.resume:
-        return
+        return None
     checkpoint = load_checkpoint_file(args.resume)
     load_model_strict(unwrap(model), state_dict_of(checkpoint), args.resume)
     logger.info("Resume checkpoint %s", args.resume)
@@ -226,10 +238,17 @@ def load_resume(
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as e:
             raise UsageError(f"checkpoint {args.resume}: optimizer state does not fit this run: {e}") from e
-        args.start_epoch = int(checkpoint["epoch"]) + 1
         if "scaler" in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])
+        if "step" in checkpoint:  # written inside the epoch: continue that epoch at that step
+            args.start_epoch = int(checkpoint["epoch"])
+            logger.info(
+                "With optimizer & scaler state; continuing epoch %d at step %d", args.start_epoch, checkpoint["step"]
+            )
+            return {"step": int(checkpoint["step"]), "rng": checkpoint.get("rng")}
+        args.start_epoch = int(checkpoint["epoch"]) + 1
         logger.info("With optimizer & scaler state; continuing at epoch %d", args.start_epoch)
+    return None
 
 
 # ----------------------------------------------------------------------------- pretrained weights

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from util.dist import cleanup
-from util.errors import NonFiniteLossError, UsageError
+from util.errors import NonFiniteLossError, Preempted, UsageError
 from util.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,19 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
         "stopping at the first one",
     )
+    new.add_argument(
+        "--save_every_min",
+        default=0.0,
+        type=float,
+        help="also write checkpoint-last.pth inside an epoch once M minutes have passed since the last one (checked "
+        "at the progress lines); resume continues at that step. 0: only at epoch ends",
+    )
+    new.add_argument(
+        "--save_every_steps",
+        default=0,
+        type=int,
+        help="also write checkpoint-last.pth inside an epoch every N update steps. 0: only at epoch ends",
+    )
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
@@ -63,6 +76,9 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--input_size must be positive, got {args.input_size}")
     if getattr(args, "save_freq", 1) < 1:
         raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+    for name in ("save_every_min", "save_every_steps"):
+        if getattr(args, name, 0) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.print_freq < 1:
         raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
     if args.start_epoch < 0:
@@ -83,7 +99,10 @@ def log_args(args: argparse.Namespace) -> None:
 
 
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object]) -> None:
-    """Parse the command line and run ``main``; usage errors and non-finite losses end with one line, exit 1."""
+    """Parse the command line and run ``main``; usage errors and non-finite losses end with one line, exit 1; a
+    preemption (checkpoint written) with one line and ``REQUEUE_EXIT_CODE``."""
+    from util.preemption import REQUEUE_EXIT_CODE
+
     args = parser.parse_args()
     try:
         main(args)
@@ -91,4 +110,8 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
         print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup()
         sys.exit(1)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        cleanup()
+        sys.exit(REQUEUE_EXIT_CODE)
     cleanup()

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode
 from util.crop import RandomResizedCrop
 from util.dist import all_reduce_mean, get_rank, get_world_size
 from util.errors import BadImageError, UsageError
-from util.seeding import seed_worker
+from util.seeding import image_seed, seed_worker, seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,18 @@ class BadImage(NamedTuple):
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """``ImageFolder`` that returns ``(BadImage, target)`` for a file that cannot be read instead of raising."""
+    """``ImageFolder`` that returns ``(BadImage, target)`` for a file that cannot be read instead of raising.
+
+    With ``augment_seed`` set (training loaders), each image's random augmentation is seeded from (seed, epoch,
+    index): the same whichever rank or DataLoader worker loads it, so an epoch resumed at a step repeats the
+    augmentation of the uninterrupted run.
+    """
+
+    augment_seed: int | None = None
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __getitem__(self, index: int) -> tuple:
         path, target = self.samples[index]
@@ -55,10 +66,30 @@ class CheckedImageFolder(datasets.ImageFolder):
             reason = (str(e).strip().splitlines() or [""])[0]
             return BadImage(index, path, f"{type(e).__name__}: {reason}"), target
         if self.transform is not None:
-            sample = self.transform(sample)
+            if self.augment_seed is None:
+                sample = self.transform(sample)
+            else:
+                with seeded_rng(image_seed(self.augment_seed, self.epoch, index)):
+                    sample = self.transform(sample)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` (this rank's shard of the epoch's seeded permutation) that can start at a position
+    inside the epoch: ``set_start(i)`` skips the first ``i`` indices of the shard, for an epoch resumed at a step."""
+
+    start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
 
 
 class CollateSkippingBad:
@@ -115,8 +146,13 @@ class CheckedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # the DataLoader's iterator now, not at the first batch: creating it draws a seed from torch's RNG, and
+        # an epoch resumed inside restores the RNG states right after that (util/preemption.py)
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         this_pass: set[str] = set()
-        for images, targets, bad in self.loader:
+        for images, targets, bad in batches:
             for path, reason in bad:
                 if not self.skip:
                     raise BadImageError(
@@ -280,9 +316,9 @@ def train_loader(dataset, args: argparse.Namespace, device: torch.device):
 
     Every process gets ``len(dataset) // world_size // batch_size`` steps per epoch.
     """
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed
-    )
+    sampler = ResumableSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
+    if isinstance(dataset, CheckedImageFolder):
+        dataset.augment_seed = args.seed
     if len(sampler) < args.batch_size:
         raise UsageError(
             f"{getattr(dataset, 'root', 'the dataset')} has {len(dataset)} images: fewer than one batch of "

@@ -6,6 +6,7 @@ Set by the tests only. Unset (always, in real runs) it costs nothing in the trai
     MAE_FAULT_INJECT=step:5           before global training step 5 (epoch * steps_per_epoch + step)
     MAE_FAULT_INJECT=save:1           partway through writing the checkpoint of epoch 1 (the temporary file)
     MAE_FAULT_INJECT=step:5@rank1     only on rank 1
+    MAE_FAULT_INJECT=signal:5         SIGUSR1 (not SIGKILL) to itself before global step 5: a preemption notice
     MAE_FAULT_INJECT_ONCE=PATH        fire only if PATH does not exist, creating it first: once across restarts
 
 SIGKILL, not an exception: nothing runs after it (no ``finally``, no flush), as with ``kill -9`` or the OOM killer.
@@ -57,11 +58,15 @@ def kill_point(point: str, value: int) -> None:
 
 
 def step_killer() -> Callable[[int], None] | None:
-    """For the engines, once per epoch: a function of the global step that kills at the armed step, or None when
-    ``MAE_FAULT_INJECT`` arms no step (so the step loop makes no call at all)."""
-    if not os.environ.get(ENV, "").startswith("step:"):
-        return None
-    return lambda global_step: kill_point("step", global_step)
+    """For the engines, once per epoch: a function of the global step that kills (``step:``) or signals
+    (``signal:``) at the armed step, or None when ``MAE_FAULT_INJECT`` arms neither (so the step loop makes no call
+    at all)."""
+    spec = os.environ.get(ENV, "")
+    if spec.startswith("step:"):
+        return lambda global_step: kill_point("step", global_step)
+    if spec.startswith("signal:"):
+        return lambda global_step: _armed("signal", global_step) and os.kill(os.getpid(), signal.SIGUSR1)
+    return None
 
 
 class _KillMidway:

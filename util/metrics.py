@@ -118,18 +118,21 @@ class MetricLogger:
     def global_averages(self) -> dict[str, float]:
         return {k: meter.global_avg for k, meter in self.meters.items()}
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 0) -> Iterator:
+    def log_every(
+        self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 0, first_step: int = 0
+    ) -> Iterator:
         """Yield from ``iterable``, logging every ``print_freq`` steps and at the last one.
 
-        ``images_per_step``: images processed per step over all processes, for the images/s figure.
+        ``images_per_step``: images processed per step over all processes, for the images/s figure. ``first_step``:
+        the step the iterable begins at (an epoch resumed inside), for the step numbers in the lines.
         """
-        total = len(iterable)
+        total = first_step + len(iterable)
         width = len(str(total))
         start = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, start=first_step):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
@@ -148,7 +151,7 @@ class MetricLogger:
             "%s Total time: %s (%.4f s / it)",
             header,
             datetime.timedelta(seconds=int(total_time)),
-            total_time / max(total, 1),
+            total_time / max(total - first_step, 1),
         )
 
 
@@ -176,9 +179,12 @@ class StepMetrics:
         amp: str,
         log_writer: "SummaryWriter | None" = None,
         loss_tag: str = "train_loss",
+        control=None,
     ):
+        """``control``: an ``util.preemption.EpochControl`` whose flags (stop, save) ride on the loss all-reduce."""
         self.metric_logger, self.device, self.log_writer, self.loss_tag = metric_logger, device, log_writer, loss_tag
         self.epoch, self.steps, self.print_freq, self.amp = epoch, steps, print_freq, amp
+        self.control = control
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float, bool]] = []
 
     def push(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None, lr: float, update: bool) -> None:
@@ -200,15 +206,19 @@ class StepMetrics:
         pending, self.pending = self.pending, []
         n = len(pending)
         local = torch.stack([loss.to(self.device, torch.float64) for _, loss, _, _, _ in pending])  # (n,)
+        flags = torch.tensor(self.control.local_flags() if self.control is not None else [], dtype=torch.float64)
+        flags = flags.to(self.device)  # (k,) summed over ranks: any rank's request holds for all
+        k = len(flags)
         world_size = get_world_size()
         reduced = local
         if world_size > 1:
-            reduced = local.clone()
-            dist.all_reduce(reduced)
-            reduced /= world_size
+            both = torch.cat([local, flags])
+            dist.all_reduce(both)
+            reduced, flags = both[:n] / world_size, both[n:]
         norms = [norm.to(self.device, torch.float64).reshape(1) for _, _, norm, _, _ in pending if norm is not None]
-        values = torch.cat([local, reduced, *norms]).tolist()  # the one host sync
-        local_v, reduced_v, norm_iter = values[:n], values[n : 2 * n], iter(values[2 * n :])
+        values = torch.cat([local, reduced, flags, *norms]).tolist()  # the one host sync
+        local_v, reduced_v = values[:n], values[n : 2 * n]
+        flag_v, norm_iter = values[2 * n : 2 * n + k], iter(values[2 * n + k :])
         for i, (step, _, norm, lr, update) in enumerate(pending):
             check_finite_loss(reduced_v[i], self.epoch, step, self.steps, lr, self.amp)
             norm_value = next(norm_iter) if norm is not None else None
@@ -222,3 +232,5 @@ class StepMetrics:
                 self.log_writer.add_scalar("lr", lr, epoch_1000x)
                 if norm_value is not None:
                     self.log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
+        if self.control is not None:
+            self.control.agree(flag_v)

@@ -14,6 +14,7 @@ from util.cli import log_args, save_args_json
 from util.datasets import skipped_images
 from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.files import append_log_line, check_output_dir
+from util.preemption import SIGNALS, EpochControl
 from util.seeding import epoch_seed, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def start_run(
         check_output_dir(args.output_dir)
         check_output_dir(args.log_dir, "--log_dir")
     resolve_resume(args)
+    if writes:  # a training run: a preemption signal checkpoints and stops (util/preemption.py)
+        SIGNALS.install()
     log_args(args)
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
@@ -49,11 +52,28 @@ def open_outputs(args: argparse.Namespace) -> SummaryWriter | None:
     return SummaryWriter(log_dir=args.log_dir) if args.log_dir else None
 
 
-def begin_epoch(loader, args: argparse.Namespace, epoch: int) -> None:
+def begin_epoch(loader, args: argparse.Namespace, epoch: int, start_step: int = 0) -> None:
     """Reshuffle the training sampler and reseed every RNG from (seed, rank, epoch): an epoch's draws do not depend
-    on what ran before, so a resumed run repeats the uninterrupted one."""
+    on what ran before, so a resumed run repeats the uninterrupted one. ``start_step``: the sampler skips the
+    batches before it (an epoch resumed inside)."""
     loader.sampler.set_epoch(epoch)
+    if hasattr(loader.sampler, "set_start"):
+        loader.sampler.set_start(start_step * args.batch_size)
+    if hasattr(loader.dataset, "set_epoch"):  # per-image augmentation seeds
+        loader.dataset.set_epoch(epoch)
     seed_everything(epoch_seed(args.seed, get_rank(), epoch))
+
+
+def epoch_control(args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler, position: dict | None):
+    """The epoch's ``EpochControl``: its checkpoints inside it, and (``position``, from ``load_resume``) the step it
+    resumes at with the ranks' RNG states."""
+
+    def save(step: int, rng: list[dict]) -> None:
+        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=False, position={"step": step, "rng": rng})
+
+    if position is None:
+        return EpochControl(args, save)
+    return EpochControl(args, save, start_step=position["step"], rng=position.get("rng"))
 
 
 def save_epoch_checkpoint(args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler) -> None:
