@@ -19,17 +19,20 @@ from util.preemption import REQUEUE_EXIT_CODE, SIGNALS, EpochControl
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4  # 16 images, batch 4: steps per epoch
 
-RUNS = {
-    "mae": (main_pretrain, dict(model="mae_vit_tiny_patch4")),
-    # MixMIM's masks draw from torch and (range mask ratios) Python's random
-    "mixmim": (main_pretrain, dict(model="mixmim_tiny")),
+RUNS = {  # script, flags, the global step (of 2 epochs x 4) before which the process signals itself
+    "mae": (main_pretrain, dict(model="mae_vit_tiny_patch4"), 5),
+    # MixMIM: masks and mixing
+    "mixmim": (main_pretrain, dict(model="mixmim_tiny", mask_ratio=0.5), 1),
     # RandAugment, random erasing, mixup/CutMix (numpy), drop path
     "finetune-mixup": (
         main_finetune,
         dict(model="vit_tiny_patch4", nb_classes=2, mixup=0.8, cutmix=1.0, drop_path=0.1),
+        4,
     ),
     # the images' augmentation comes from two DataLoader workers, whose batches move after a resume
-    "mae-workers": (main_pretrain, dict(model="mae_vit_tiny_patch4", num_workers=2)),
+    "mae-workers": (main_pretrain, dict(model="mae_vit_tiny_patch4", num_workers=2), 5),
+    # at an epoch's last step the epoch's own checkpoint is the one
+    "mae-epoch-end": (main_pretrain, dict(model="mae_vit_tiny_patch4"), 3),
 }
 
 
@@ -45,14 +48,13 @@ def load(path: Path) -> dict:
 
 @pytest.mark.parametrize("run", RUNS)
 def test_a_signal_inside_an_epoch_then_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, run) -> None:
-    script, extra = RUNS[run]
+    script, extra, step = RUNS[run]
     data = make_image_folder(tmp_path / "data", per_class=8)
     flags = dict(epochs=2, warmup_epochs=1, **extra)
     straight = tmp_path / "straight"
     script.main(parse(script.get_args_parser(), **tiny_run_args(data, straight, **flags)))
 
     out = tmp_path / "interrupted"
-    step = random.Random(run).randrange(1, 2 * STEPS - 1)  # a global step of the 2 epochs, not the last
     monkeypatch.setenv("MAE_FAULT_INJECT", f"signal:{step}")  # SIGUSR1 to itself before that step
     args = parse(script.get_args_parser(), **tiny_run_args(data, out, print_freq=2, **flags))
     with pytest.raises(Preempted):

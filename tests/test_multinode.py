@@ -1,0 +1,111 @@
+"""Several nodes on one machine (gloo, CPU): two torchrun agents with ``--nnodes 2`` and c10d rendezvous on
+127.0.0.1, and SLURM-style tasks spread over two "nodes", give exactly the run of one node with the same number of
+processes."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_resume import assert_same_state
+from train_utils import env_without_dist, free_port, make_image_folder, run_torchrun
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {
+    "pretrain": ["main_pretrain.py", "--model", "mae_vit_tiny_patch4"],
+    "finetune": ["main_finetune.py", "--model", "vit_tiny_patch4", "--nb_classes", "2", "--mixup", "0.8"],
+}
+
+
+def script_args(run: str, data: Path, out: Path) -> list[str]:
+    return [
+        *RUNS[run], "--data_path", str(data), "--output_dir", str(out), "--log_dir", "", "--device", "cpu",
+        "--num_workers", "0", "--input_size", "32", "--batch_size", "2", "--epochs", "2", "--warmup_epochs", "1",
+        "--print_freq", "1",
+    ]  # fmt: skip
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            raise AssertionError("a node did not finish") from None
+        results.append((p.returncode, err))
+    return results
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_two_torchrun_nodes_equal_one_node(tmp_path: Path, run: str) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8, val_per_class=2)
+    one = tmp_path / "one"
+    proc = run_torchrun(script_args(run, data, one), cwd=ROOT, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = tmp_path / "two"
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={i}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=test",
+                *script_args(run, data, two),
+            ],
+            cwd=ROOT,
+            env=env_without_dist(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for code, err in wait_all(agents):
+        assert code == 0, err[-3000:]
+    assert_same_state(load(one / "checkpoint-last.pth"), load(two / "checkpoint-last.pth"))
+
+
+def test_slurm_tasks_on_two_nodes_equal_one_node(tmp_path: Path) -> None:
+    """srun with two tasks per node on two nodes: SLURM_PROCID 0-3, SLURM_LOCALID 0,1,0,1, SLURM_NODEID 0,0,1,1, and
+    a node list of two names that resolve here (the first is the rendezvous host)."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    one = tmp_path / "one"
+    proc = run_torchrun(script_args("pretrain", data, one), cwd=ROOT, nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = tmp_path / "two"
+    port = free_port()  # --port: MASTER_PORT of every task, as in the official MixMIM launches
+    base = {k: v for k, v in env_without_dist().items() if not k.startswith(("SLURM_", "MASTER_", "TORCHELASTIC"))}
+    base.update(SLURM_NTASKS="4", SLURM_JOB_NODELIST="localhost,127.0.0.1", SLURM_NNODES="2", SLURM_JOB_ID="1")
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, *script_args("pretrain", data, two), "--port", str(port)],
+            cwd=ROOT,
+            env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2), "SLURM_NODEID": str(r // 2)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for r in range(4)
+    ]
+    for code, err in wait_all(tasks):
+        assert code == 0, err[-3000:]
+    assert_same_state(load(one / "checkpoint-last.pth"), load(two / "checkpoint-last.pth"))
