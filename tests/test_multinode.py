@@ -109,3 +109,84 @@ def test_slurm_tasks_on_two_nodes_equal_one_node(tmp_path: Path) -> None:
     for code, err in wait_all(tasks):
         assert code == 0, err[-3000:]
     assert_same_state(load(one / "checkpoint-last.pth"), load(two / "checkpoint-last.pth"))
+
+
+def test_torchrun_restarts_both_nodes_after_a_rank_is_killed_and_resumes(tmp_path: Path) -> None:
+    """Rank 1 (the second node's) is SIGKILLed in epoch 1; the agents restart the group (--max-restarts), which
+    resumes from epoch 0's checkpoint and ends with the uninterrupted run's weights."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    one = tmp_path / "one"
+    proc = run_torchrun(script_args("pretrain", data, one), cwd=ROOT, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two, marker = tmp_path / "two", tmp_path / "fired"
+    env = {**env_without_dist(), "MAE_FAULT_INJECT": "step:5@rank1", "MAE_FAULT_INJECT_ONCE": str(marker)}
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={i}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=restart",
+                "--max-restarts=1",
+                "--monitor-interval=0.2",
+                *script_args("pretrain", data, two),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = wait_all(agents)
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    assert marker.exists()
+    err = "".join(e for _, e in results)
+    assert "SIGKILL at step 5" in err and "continuing at epoch 1" in err
+    assert_same_state(load(one / "checkpoint-last.pth"), load(two / "checkpoint-last.pth"))
+
+
+@pytest.mark.parametrize("fault", ["step", "stop"], ids=["rank-dies", "rank-hangs"])
+def test_a_lost_rank_stops_the_others_with_one_line(tmp_path: Path, fault: str) -> None:
+    """Two SLURM tasks; rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 3. Rank 0 does not wait forever: it stops
+    at once (the connection breaks) or after --dist_timeout (0.1 min), with one line naming the problem."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    port = free_port()
+    base = {k: v for k, v in env_without_dist().items() if not k.startswith(("SLURM_", "MASTER_", "TORCHELASTIC"))}
+    base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", MAE_FAULT_INJECT=f"{fault}:3@rank1")
+    argv = [*script_args("pretrain", data, tmp_path / "out"), "--port", str(port), "--dist_timeout", "0.1"]
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=ROOT,
+            env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    try:
+        _, err = tasks[0].communicate(timeout=120)
+    finally:
+        for t in tasks:
+            if t.poll() is None:
+                os.killpg(t.pid, signal.SIGKILL)
+        tasks[1].communicate()
+    assert tasks[0].returncode == 1
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line and "a collective with the other processes failed" in line[0], err[-3000:]
+    assert "Traceback" not in err
+    if fault == "stop":
+        assert "imed out" in line[0]

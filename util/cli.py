@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from util.dist import cleanup
+import torch
+
+from util.dist import cleanup, is_dist_avail_and_initialized
 from util.errors import NonFiniteLossError, Preempted, UsageError
 from util.files import write_text_atomic
 
@@ -53,6 +55,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         "stopping at the first one",
     )
     new.add_argument(
+        "--dist_timeout",
+        default=30.0,
+        type=float,
+        help="minutes a collective waits for the other processes before the run stops with an error naming the "
+        "timeout (a rank that hangs); a rank that dies stops the others at once",
+    )
+    new.add_argument(
         "--save_every_min",
         default=0.0,
         type=float,
@@ -76,6 +85,8 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--input_size must be positive, got {args.input_size}")
     if getattr(args, "save_freq", 1) < 1:
         raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+    if getattr(args, "dist_timeout", 1.0) <= 0:
+        raise UsageError(f"--dist_timeout must be positive, got {args.dist_timeout}")
     for name in ("save_every_min", "save_every_steps"):
         if getattr(args, name, 0) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -114,4 +125,27 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         cleanup()
         sys.exit(REQUEUE_EXIT_CODE)
+    except RuntimeError as e:
+        if not (is_dist_avail_and_initialized() and is_peer_failure(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(
+            f"error: a collective with the other processes failed ({first}); another rank died or hung: see its "
+            f"log. Checkpoints up to the last complete one are intact: rerun with --resume auto (torchrun "
+            f"--max-restarts does that by itself)",
+            file=sys.stderr,
+            flush=True,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)  # at once: leaving the group, or its destructor at exit, would wait for (or abort on) the lost peer
     cleanup()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """An error of a collective that another process caused: it died (connection reset or closed) or hung (the
+    ``--dist_timeout`` ran out)."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "imed out", "NCCL"))

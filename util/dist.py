@@ -6,6 +6,7 @@ warnings and errors only (no ``builtins.print`` replacement).
 
 import argparse
 import contextlib
+import datetime
 import logging
 import os
 import subprocess
@@ -117,16 +118,25 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         return
     if not is_dist_avail_and_initialized():
         logger.info("distributed init (rank %d/%d, %s): %s", rank, world_size, args.dist_backend, args.dist_url)
-        restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restart > 0 and args.dist_url == "env://":
-            # torchrun's static rendezvous (--master_addr/--master_port) keeps one store across restarts, so the
-            # restarted workers would read the dead workers' addresses: give every restart its own key space
-            store, _, _ = next(rendezvous("env://", rank, world_size))
-            store = dist.PrefixStore(f"restart_{restart}", store)
-            dist.init_process_group(backend=args.dist_backend, store=store, world_size=world_size, rank=rank)
+        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 30.0))
+        if "TORCHELASTIC_RESTART_COUNT" in env and args.dist_url == "env://":
+            # torchrun's store outlives a restart of the workers (static rendezvous: --master_addr/--master_port),
+            # so restarted workers could read the dead workers' addresses. Each generation of workers gets its own
+            # key space, numbered by joining: every worker of a generation adds 1 once. (The restart count cannot
+            # serve: a node that restarts only because another node's worker failed does not count it.)
+            store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
+            generation = (store.add("mae_mixmim_workers_joined", 1) - 1) // world_size
+            store = dist.PrefixStore(f"generation_{generation}", store)
+            dist.init_process_group(
+                backend=args.dist_backend, store=store, world_size=world_size, rank=rank, timeout=timeout
+            )
         else:
             dist.init_process_group(
-                backend=args.dist_backend, init_method=args.dist_url, world_size=world_size, rank=rank
+                backend=args.dist_backend,
+                init_method=args.dist_url,
+                world_size=world_size,
+                rank=rank,
+                timeout=timeout,
             )
     barrier()
 

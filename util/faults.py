@@ -7,6 +7,7 @@ Set by the tests only. Unset (always, in real runs) it costs nothing in the trai
     MAE_FAULT_INJECT=save:1           partway through writing the checkpoint of epoch 1 (the temporary file)
     MAE_FAULT_INJECT=step:5@rank1     only on rank 1
     MAE_FAULT_INJECT=signal:5         SIGUSR1 (not SIGKILL) to itself before global step 5: a preemption notice
+    MAE_FAULT_INJECT=stop:5           SIGSTOP to itself before global step 5: a rank that hangs
     MAE_FAULT_INJECT_ONCE=PATH        fire only if PATH does not exist, creating it first: once across restarts
 
 SIGKILL, not an exception: nothing runs after it (no ``finally``, no flush), as with ``kill -9`` or the OOM killer.
@@ -66,6 +67,8 @@ def step_killer() -> Callable[[int], None] | None:
         return lambda global_step: kill_point("step", global_step)
     if spec.startswith("signal:"):
         return lambda global_step: _armed("signal", global_step) and os.kill(os.getpid(), signal.SIGUSR1)
+    if spec.startswith("stop:"):
+        return lambda global_step: _armed("stop", global_step) and os.kill(os.getpid(), signal.SIGSTOP)
     return None
 
 
