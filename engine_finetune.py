@@ -1,7 +1,6 @@
 """One epoch of supervised training (fine-tuning or linear probing) and evaluation with top-1/top-5."""
 
 import argparse
-import datetime
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -14,10 +13,9 @@ import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
 from util.dist import get_world_size, maybe_no_sync
-from util.errors import Preempted
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
-from util.run import begin_epoch, epoch_control, log_epoch, save_epoch_checkpoint
+from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +127,7 @@ def fit(
     max_accuracy = 0.0
     test_stats: dict[str, float] = {}
     for epoch in range(args.start_epoch, args.epochs):
-        control = epoch_control(
-            args, epoch, model, optimizer, loss_scaler, position if epoch == args.start_epoch else None
-        )
-        begin_epoch(data_loader_train, args, epoch, control.start_step)
+        control = start_epoch(args, data_loader_train, epoch, model, optimizer, loss_scaler, position)
         train_stats = train_one_epoch(
             model,
             criterion,
@@ -147,9 +142,7 @@ def fit(
             args=args,
             control=control,
         )
-        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
-        if control.stop_agreed:  # a signal during the epoch's last progress line: stop after its checkpoint
-            raise Preempted(f"stopped on a signal at the end of epoch {epoch}; resume with --resume auto")
+        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler, control)
 
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
@@ -172,7 +165,5 @@ def fit(
         }
         loaders = {"train": (data_loader_train, True), "test": (data_loader_val, args.dist_eval)}
         log_epoch(args, log_writer, log_stats, loaders, device)
-    if log_writer is not None:
-        log_writer.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    finish_training(log_writer, start_time)
     return test_stats

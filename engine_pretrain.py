@@ -1,7 +1,6 @@
 """One epoch of masked-image-modeling pretraining (MAE or MixMIM)."""
 
 import argparse
-import datetime
 import logging
 import time
 from collections.abc import Iterable
@@ -14,10 +13,9 @@ from util import faults
 from util.amp import autocast
 from util.datasets import normalize_on_device
 from util.dist import get_world_size, maybe_no_sync
-from util.errors import Preempted
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
-from util.run import begin_epoch, epoch_control, log_epoch, save_epoch_checkpoint
+from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +97,7 @@ def fit(
     start_time = time.time()
     train_stats: dict[str, float] = {}
     for epoch in range(args.start_epoch, args.epochs):
-        control = epoch_control(
-            args, epoch, model, optimizer, loss_scaler, position if epoch == args.start_epoch else None
-        )
-        begin_epoch(data_loader, args, epoch, control.start_step)
+        control = start_epoch(args, data_loader, epoch, model, optimizer, loss_scaler, position)
         train_stats = train_one_epoch(
             model,
             data_loader,
@@ -114,12 +109,8 @@ def fit(
             args=args,
             control=control,
         )
-        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
-        if control.stop_agreed:  # a signal during the epoch's last progress line: stop after its checkpoint
-            raise Preempted(f"stopped on a signal at the end of epoch {epoch}; resume with --resume auto")
+        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler, control)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         log_epoch(args, log_writer, log_stats, {"train": (data_loader, True)}, device)
-    if log_writer is not None:
-        log_writer.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    finish_training(log_writer, start_time)
     return train_stats

@@ -2,7 +2,9 @@
 bookkeeping of each epoch (reshuffle and reseed before, checkpoint and log line after)."""
 
 import argparse
+import datetime
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -13,6 +15,7 @@ from util.checkpoint import resolve_resume, save_checkpoint
 from util.cli import log_args, save_args_json
 from util.datasets import skipped_images
 from util.dist import get_rank, init_distributed_mode, is_main_process
+from util.errors import Preempted
 from util.files import append_log_line, check_output_dir
 from util.preemption import SIGNALS, EpochControl
 from util.seeding import epoch_seed, seed_everything
@@ -76,10 +79,30 @@ def epoch_control(args: argparse.Namespace, epoch: int, model, optimizer, loss_s
     return EpochControl(args, save, start_step=position["step"], rng=position.get("rng"))
 
 
-def save_epoch_checkpoint(args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler) -> None:
-    """``checkpoint-last.pth``, and ``checkpoint-{epoch}.pth`` every ``--save_freq`` epochs and at the last one."""
+def start_epoch(
+    args: argparse.Namespace, loader, epoch: int, model, optimizer, loss_scaler, position: dict | None
+) -> EpochControl:
+    """``begin_epoch`` with the epoch's ``EpochControl`` (``position`` applies to ``--start_epoch`` only)."""
+    control = epoch_control(args, epoch, model, optimizer, loss_scaler, position if epoch == args.start_epoch else None)
+    begin_epoch(loader, args, epoch, control.start_step)
+    return control
+
+
+def finish_training(log_writer: SummaryWriter | None, start_time: float) -> None:
+    if log_writer is not None:
+        log_writer.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+
+def save_epoch_checkpoint(
+    args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler, control: EpochControl | None = None
+) -> None:
+    """``checkpoint-last.pth``, and ``checkpoint-{epoch}.pth`` every ``--save_freq`` epochs and at the last one;
+    then stop if the ranks agreed on a preemption at the epoch's last progress line (``control``)."""
     numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
     save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
+    if control is not None and control.stop_agreed:
+        raise Preempted(f"stopped on a signal at the end of epoch {epoch}; resume with --resume auto")
 
 
 def log_epoch(
