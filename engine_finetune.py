@@ -15,7 +15,7 @@ from util.amp import autocast
 from util.dist import get_world_size, maybe_no_sync
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
-from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch
+from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch, stop_if_preempted
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def fit(
             args=args,
             control=control,
         )
-        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler, control)
+        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
 
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
@@ -165,5 +165,6 @@ def fit(
         }
         loaders = {"train": (data_loader_train, True), "test": (data_loader_val, args.dist_eval)}
         log_epoch(args, log_writer, log_stats, loaders, device)
+        stop_if_preempted(args, epoch, control)
     finish_training(log_writer, start_time)
     return test_stats

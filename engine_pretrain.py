@@ -15,7 +15,7 @@ from util.datasets import normalize_on_device
 from util.dist import get_world_size, maybe_no_sync
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
-from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch
+from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch, stop_if_preempted
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ def fit(
             args=args,
             control=control,
         )
-        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler, control)
+        save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         log_epoch(args, log_writer, log_stats, {"train": (data_loader, True)}, device)
+        stop_if_preempted(args, epoch, control)
     finish_training(log_writer, start_time)
     return train_stats

@@ -180,8 +180,10 @@ def load_pretrain_checkpoint(
     model_name: str | None = None,
     input_size: int | None = None,
     norm_pix_loss: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A pretraining model with the weights of ``path`` (ours, or official: a dict with ``model``), loaded strictly.
+    """A pretraining model with the weights of ``path`` (ours, or official: a dict with ``model``), loaded strictly,
+    built for ``device`` (which picks MixMIM's attention path; the model stays on the CPU).
 
     The model name, input size and norm_pix_loss come from the arguments, else from the checkpoint (ours record
     them), else the model's defaults; official checkpoints need ``model_name``.
@@ -203,7 +205,7 @@ def load_pretrain_checkpoint(
         import timm
 
         size = model_input_size(timm.create_model(model_name, **kwargs))
-    model = build_pretrain_model(model_name, int(size), **kwargs)
+    model = build_pretrain_model(model_name, int(size), torch.device(device), **kwargs)
     load_model_strict(model, state_dict_of(checkpoint), path)
     logger.info("loaded %s (%s, %dx%d, norm_pix_loss=%s)", path, model_name, size, size, model.norm_pix_loss)
     return model
@@ -260,7 +262,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[Path]:
-    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss)
+    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, args.device)
     size = model_input_size(model)
     if args.images:
         imgs = load_images(args.images, size)

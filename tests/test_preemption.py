@@ -13,7 +13,7 @@ from train_utils import env_without_dist, make_image_folder, parse, run_torchrun
 
 import main_finetune
 import main_pretrain
-from util.errors import Preempted
+from util.errors import Preempted, UsageError
 from util.preemption import REQUEUE_EXIT_CODE, SIGNALS, EpochControl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,10 @@ def test_a_signal_inside_an_epoch_then_resume_gives_the_uninterrupted_run(tmp_pa
         assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
 
     monkeypatch.delenv("MAE_FAULT_INJECT")
+    if "step" in ckpt:  # a position inside an epoch holds only for the same processes and batches
+        other = parse(script.get_args_parser(), **tiny_run_args(data, out, resume="auto", **flags, batch_size=2))
+        with pytest.raises(UsageError, match="was written inside epoch .* 'batch_size': 4.*'batch_size': 2"):
+            script.main(other)
     resumed = parse(script.get_args_parser(), **tiny_run_args(data, out, resume="auto", **flags))
     script.main(resumed)
     assert_same_state(load(straight / "checkpoint-last.pth"), load(out / "checkpoint-last.pth"))
@@ -127,7 +131,9 @@ def test_the_agreed_flags_checkpoint_at_the_next_update_step(monkeypatch) -> Non
     import util.preemption as preemption
 
     saves = Saves()
-    control = EpochControl(argparse.Namespace(accum_iter=2, save_every_min=1.0, save_every_steps=0), saves)
+    control = EpochControl(
+        argparse.Namespace(accum_iter=2, save_every_min=1.0, save_every_steps=0, output_dir="out"), saves
+    )
     clock = [1000.0]
     monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
     control.last_save = clock[0]

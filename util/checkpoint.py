@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 
 from util import faults, pos_embed
 from util.cli import args_to_dict
-from util.dist import is_main_process
+from util.dist import get_world_size, is_main_process
 from util.errors import UsageError
 from util.files import fsync_dir, temp_path, write_atomic
 from util.models import FAMILY_TITLE, family_of, family_of_state_dict, unwrap
@@ -241,6 +241,14 @@ def load_resume(
         if "scaler" in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])
         if "step" in checkpoint:  # written inside the epoch: continue that epoch at that step
+            layout = {"world_size": get_world_size(), "batch_size": args.batch_size, "accum_iter": args.accum_iter}
+            saved = checkpoint.get("layout", layout)
+            if saved != layout:
+                raise UsageError(
+                    f"checkpoint {args.resume} was written inside epoch {checkpoint['epoch']} by a run with "
+                    f"{saved}; this run has {layout}: resume with the same processes, --batch_size and --accum_iter "
+                    f"(or from a checkpoint-N.pth written at an epoch's end)"
+                )
             args.start_epoch = int(checkpoint["epoch"])
             logger.info(
                 "With optimizer & scaler state; continuing epoch %d at step %d", args.start_epoch, checkpoint["step"]
@@ -280,8 +288,14 @@ def load_pretrained(
     head / ``fc_norm`` / buffers is missing, or a key other than the decoder's is unexpected. For a pretraining
     model (MixMIM's ``--finetune`` in pretraining) everything that fits is loaded and the rest reported.
     """
-    checkpoint = load_checkpoint_file(path)
-    state_dict = state_dict_of(checkpoint)
+    return load_pretrained_state(model, state_dict_of(load_checkpoint_file(path)), path, head_init_std, classifier)
+
+
+def load_pretrained_state(
+    model: nn.Module, state_dict: dict, path: str, head_init_std: float | None = 2e-5, classifier: bool = True
+) -> tuple[list[str], list[str]]:
+    """``load_pretrained`` of a state dict in memory (``path`` names its source in messages); ``state_dict`` is
+    changed in place (head dropped, position embeddings resized)."""
     own = model.state_dict()
     ck_family, own_family = family_of_state_dict(state_dict), family_of(model)
     if ck_family and ck_family != own_family:

@@ -56,10 +56,11 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
     )
     new.add_argument(
         "--dist_timeout",
-        default=30.0,
+        default=None,
         type=float,
         help="minutes a collective waits for the other processes before the run stops with an error naming the "
-        "timeout (a rank that hangs); a rank that dies stops the others at once",
+        "timeout (a rank that hangs; default: torch's, 10 for NCCL, 30 for gloo); a rank that dies stops the "
+        "others at once",
     )
     new.add_argument(
         "--save_every_min",
@@ -85,7 +86,7 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--input_size must be positive, got {args.input_size}")
     if getattr(args, "save_freq", 1) < 1:
         raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
-    if getattr(args, "dist_timeout", 1.0) <= 0:
+    if getattr(args, "dist_timeout", None) is not None and args.dist_timeout <= 0:
         raise UsageError(f"--dist_timeout must be positive, got {args.dist_timeout}")
     for name in ("save_every_min", "save_every_steps"):
         if getattr(args, name, 0) < 0:
@@ -148,4 +149,5 @@ def is_peer_failure(e: BaseException) -> bool:
     if isinstance(e, torch.distributed.DistError):
         return True
     text = str(e)
-    return any(s in text for s in ("Connection reset by peer", "Connection closed by peer", "imed out", "NCCL"))
+    peer = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out connecting")
+    return any(s in text for s in peer) or ("Timed out" in text and "gloo" in text)

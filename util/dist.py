@@ -118,13 +118,14 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         return
     if not is_dist_avail_and_initialized():
         logger.info("distributed init (rank %d/%d, %s): %s", rank, world_size, args.dist_backend, args.dist_url)
-        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 30.0))
+        minutes = getattr(args, "dist_timeout", None)
+        timeout = datetime.timedelta(minutes=minutes) if minutes else None  # None: the backend's default
         if "TORCHELASTIC_RESTART_COUNT" in env and args.dist_url == "env://":
             # torchrun's store outlives a restart of the workers (static rendezvous: --master_addr/--master_port),
             # so restarted workers could read the dead workers' addresses. Each generation of workers gets its own
             # key space, numbered by joining: every worker of a generation adds 1 once. (The restart count cannot
             # serve: a node that restarts only because another node's worker failed does not count it.)
-            store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
+            store, _, _ = next(rendezvous("env://", rank, world_size, **({"timeout": timeout} if timeout else {})))
             generation = (store.add("mae_mixmim_workers_joined", 1) - 1) // world_size
             store = dist.PrefixStore(f"generation_{generation}", store)
             dist.init_process_group(

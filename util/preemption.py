@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
+from util.dist import barrier, get_rank, get_world_size, is_dist_avail_and_initialized
 from util.errors import Preempted
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,16 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:  # the second one: do what the signal would have done
+        name = signal.Signals(signum).name
+        if self.requested and name == self.received:  # the same signal again: do what it would have done
             self.uninstall()
             signal.raise_signal(signum)
             return
+        if self.requested:  # another of the two (SIGTERM after SIGUSR1): already on the way out
+            logger.warning("%s received: already stopping at the next progress line", name)
+            return
         self.requested = True
-        self.received = signal.Signals(signum).name
+        self.received = name
         logger.warning("%s received: checkpointing at the next progress line, then stopping", self.received)
 
 
@@ -77,12 +81,13 @@ SIGNALS = StopSignals()
 
 
 def rng_states() -> dict:
-    """This process's RNG states as plain data (loadable with ``weights_only=True``)."""
+    """This process's RNG states as plain data (loadable with ``weights_only=True``); CUDA's of this process's
+    device only, and only when CUDA is in use (so a CPU run on a GPU machine does not initialise it)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": [version, list(py_state), gauss],
     }
@@ -90,8 +95,8 @@ def rng_states() -> dict:
 
 def set_rng_states(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"][0])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, py_state, gauss = state["python"]
@@ -125,6 +130,7 @@ class EpochControl:
     ):
         self.save, self.start_step, self.rng = save, start_step, rng
         self.accum_iter = args.accum_iter
+        self.writes = bool(getattr(args, "output_dir", ""))
         self.every_steps = getattr(args, "save_every_steps", 0) or 0
         every_min = getattr(args, "save_every_min", 0) or 0
         self.every_s = every_min * 60
@@ -170,13 +176,16 @@ class EpochControl:
             due = True
         if not due:
             return
-        self.save(step + 1, gather_rng_states())
+        if self.writes:
+            self.save(step + 1, gather_rng_states())
         self.last_save = time.monotonic()
         self.save_agreed = False
         if self.stop_agreed:
+            barrier()  # every rank waits for rank 0's checkpoint before any exits (srun kills the rest at one exit)
+            saved = "checkpoint-last.pth holds the position: resume with --resume auto"
             raise Preempted(
-                f"stopped on {SIGNALS.received or 'a signal'} at step {step + 1} of the epoch; checkpoint-last.pth "
-                f"holds the position: resume with --resume auto"
+                f"stopped on {SIGNALS.received or 'a signal'} at step {step + 1} of the epoch; "
+                f"{saved if self.writes else 'no --output_dir, so nothing was saved'}"
             )
 
 

@@ -14,7 +14,7 @@ from util.amp import resolve_amp
 from util.checkpoint import resolve_resume, save_checkpoint
 from util.cli import log_args, save_args_json
 from util.datasets import skipped_images
-from util.dist import get_rank, init_distributed_mode, is_main_process
+from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.errors import Preempted
 from util.files import append_log_line, check_output_dir
 from util.preemption import SIGNALS, EpochControl
@@ -72,7 +72,9 @@ def epoch_control(args: argparse.Namespace, epoch: int, model, optimizer, loss_s
     resumes at with the ranks' RNG states."""
 
     def save(step: int, rng: list[dict]) -> None:
-        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=False, position={"step": step, "rng": rng})
+        layout = {"world_size": get_world_size(), "batch_size": args.batch_size, "accum_iter": args.accum_iter}
+        position = {"step": step, "rng": rng, "layout": layout}
+        save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=False, position=position)
 
     if position is None:
         return EpochControl(args, save)
@@ -89,19 +91,23 @@ def start_epoch(
 
 
 def finish_training(log_writer: SummaryWriter | None, start_time: float) -> None:
+    SIGNALS.uninstall()  # a signal from now on does what it always does
     if log_writer is not None:
         log_writer.close()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
 
-def save_epoch_checkpoint(
-    args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler, control: EpochControl | None = None
-) -> None:
-    """``checkpoint-last.pth``, and ``checkpoint-{epoch}.pth`` every ``--save_freq`` epochs and at the last one;
-    then stop if the ranks agreed on a preemption at the epoch's last progress line (``control``)."""
+def save_epoch_checkpoint(args: argparse.Namespace, epoch: int, model, optimizer, loss_scaler) -> None:
+    """``checkpoint-last.pth``, and ``checkpoint-{epoch}.pth`` every ``--save_freq`` epochs and at the last one."""
     numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
     save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=numbered)
-    if control is not None and control.stop_agreed:
+
+
+def stop_if_preempted(args: argparse.Namespace, epoch: int, control: EpochControl) -> None:
+    """After an epoch's checkpoint, evaluation and log line: stop if the ranks agreed on a preemption at its last
+    progress line (not after the last epoch: the run is done)."""
+    if control.stop_agreed and epoch + 1 < args.epochs:
+        barrier()  # rank 0's checkpoint is complete before any rank exits
         raise Preempted(f"stopped on a signal at the end of epoch {epoch}; resume with --resume auto")
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -51,6 +52,8 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (set per epoch)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the main process's preemption handlers are not the worker's
+        signal.signal(sig, signal.SIG_DFL)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
