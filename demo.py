@@ -33,6 +33,7 @@ from torch.utils.data import TensorDataset
 
 import engine_finetune
 import main_finetune
+import main_knn
 import main_linprobe
 import main_pretrain
 import visualize
@@ -325,6 +326,19 @@ def finetune(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag:
     return main_finetune.main(fargs, dataset_train=data["finetune"], dataset_val=data["test"])["acc1"]
 
 
+def knn(args: argparse.Namespace, data: dict, checkpoint: Path | None, tag: str) -> float:
+    """``main_knn.py`` (20-NN, T = 0.07) of the frozen encoder: the labelled images against the test images."""
+    cli = ["--model", args.classifier, "--input_size", str(args.input_size), "--batch_size", "256", "--data_path", "",
+           "--output_dir", str(Path(args.output_dir) / f"knn_{tag}"), "--seed", str(args.seed),
+           "--num_workers", str(args.num_workers)]  # fmt: skip
+    if args.device:
+        cli += ["--device", args.device]
+    if checkpoint is not None:
+        cli += ["--finetune", str(checkpoint)]
+    kargs = stage_args(main_knn, cli)
+    return main_knn.main(kargs, dataset_train=data["labelled"], dataset_val=data["test"])["knn_k20_acc1"]
+
+
 def save_reconstructions(args: argparse.Namespace, checkpoint: Path, test: FashionMNISTImages) -> None:
     """Reconstructions of ``num_vis`` test images spread over the test set (``visualize.py``)."""
     model = visualize.load_pretrain_checkpoint(str(checkpoint))
@@ -343,7 +357,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         "| protocol     | pretrained | scratch |",
         "| ------------ | ---------- | ------- |",
     ]
-    for protocol, label in (("linprobe", "linear probe"), ("finetune", "fine-tune")):
+    for protocol, label in (("knn", "20-NN"), ("linprobe", "linear probe"), ("finetune", "fine-tune")):
         r = results[protocol]
         rows.append(f"| {label:<12} | {r['pretrained']:>10.2f} | {r['scratch']:>7.2f} |")
     return "\n".join(rows)
@@ -361,8 +375,8 @@ def main(args: argparse.Namespace) -> dict:
     else:
         checkpoint = pretrain(args, data["pretrain"])
     timings = {"pretrain": time.time() - start}
-    results: dict = {"linprobe": {}, "finetune": {}}
-    for protocol, fn in (("linprobe", linprobe), ("finetune", finetune)):
+    results: dict = {"knn": {}, "linprobe": {}, "finetune": {}}
+    for protocol, fn in (("knn", knn), ("linprobe", linprobe), ("finetune", finetune)):
         t = time.time()
         results[protocol]["pretrained"] = fn(args, data, checkpoint, "pretrained")
         results[protocol]["scratch"] = fn(args, data, None, "scratch")

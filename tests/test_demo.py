@@ -117,12 +117,13 @@ def test_fast_demo_pretraining_beats_random_init(tmp_path):
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
     assert saved == results
-    assert set(saved) == {"linprobe", "finetune"}
+    assert set(saved) == {"knn", "linprobe", "finetune"}
     for protocol in saved.values():
         assert set(protocol) == {"pretrained", "scratch"}
         assert all(0.0 <= v <= 100.0 for v in protocol.values())
     lp = saved["linprobe"]
     assert lp["pretrained"] > lp["scratch"] + 8.0, lp
+    assert saved["knn"]["pretrained"] > saved["knn"]["scratch"], saved["knn"]  # frozen features, no training
     assert (out / "pretrain" / "checkpoint-last.pth").is_file()
     assert (out / "pretrain" / "checkpoint-0.pth").is_file()
     for stage in ("pretrain", "linprobe_pretrained", "linprobe_scratch", "finetune_pretrained", "finetune_scratch"):

@@ -1,0 +1,129 @@
+"""Weighted k-NN evaluation of frozen features (the DINO protocol) for any checkpoint of either family.
+
+Pretraining or fine-tuned, ours or official: the encoder is built as the classifier of ``--model`` and loaded as
+``--finetune`` would load it; its features (ViT: the cls token after the final norm, or ``--global_pool``; MixMIM:
+the pooled last stage) of ``data_path/train`` and ``data_path/val`` (the evaluation transform) are L2-normalised,
+and each validation image takes the label the ``k`` most similar training images vote for, weighted by
+exp(cosine / ``--temperature``).
+
+    python main_knn.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth --data_path /imagenet
+    torchrun --nproc_per_node=8 main_knn.py --model mixmim_base --finetune checkpoint-599.pth --nb_knn 10 20 100
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+from util.amp import resolve_amp
+from util.checkpoint import load_checkpoint_file, load_pretrained, state_dict_of
+from util.cli import add_runtime_args, log_args, run_cli
+from util.datasets import eval_transform, image_folder
+from util.dist import get_rank, init_distributed_mode, is_main_process
+from util.errors import UsageError
+from util.files import check_output_dir, write_atomic, write_text_atomic
+from util.knn import extract_features, knn_accuracy
+from util.models import build_classifier, check_buildable, resolve_classifier_name
+from util.seeding import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE / MixMIM k-NN evaluation", add_help=False)
+    parser.add_argument("--batch_size", default=128, type=int, help="images per process per forward")
+    parser.add_argument("--model", default="vit_base_patch16", type=str, help="the classifier (or its pretraining "
+                        "model's) name: vit_* / mae_vit_* / mixmim_*")  # fmt: skip
+    parser.add_argument("--input_size", default=224, type=int)
+    parser.add_argument("--finetune", default="", help="checkpoint to evaluate (empty: random initialisation)")
+    parser.add_argument(
+        "--global_pool",
+        action="store_true",
+        default=None,
+        help="ViT: mean of the patch tokens + fc_norm (default: as the checkpoint has it, else the cls token)",
+    )
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: the cls token")
+    parser.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
+    parser.add_argument("--temperature", default=0.07, type=float, help="weights exp(cosine / T)")
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="an ImageFolder with train/ and val/")  # fmt: skip
+    parser.add_argument("--output_dir", default="", help="where to write knn.json (empty: nowhere)")
+    parser.add_argument("--save_features", default="", help="write the features and labels here (features.pt)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--num_workers", default=10, type=int)
+    add_runtime_args(parser, port=29532)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if any(k < 1 for k in args.nb_knn):
+        raise UsageError(f"--nb_knn must be positive, got {args.nb_knn}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UsageError(f"--data_path {args.data_path} does not exist")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist")
+    args.model_name = resolve_classifier_name(args.model)
+    check_buildable(args.model_name, args.input_size)
+    for path, flag in ((args.output_dir, "--output_dir"), (args.save_features, "--save_features")):
+        check_output_dir(path, flag)
+
+
+def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The classifier of ``--model`` with ``--finetune``'s weights; its head is not used."""
+    global_pool = args.global_pool
+    if global_pool is None:  # a global-pool fine-tuned checkpoint has fc_norm instead of the final norm
+        keys = state_dict_of(load_checkpoint_file(args.finetune)) if args.finetune else {}
+        global_pool = "fc_norm.weight" in keys and "norm.weight" not in keys
+    model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device)
+    if args.finetune:
+        load_pretrained(model, args.finetune, head_init_std=None)
+    return model.to(device).eval()
+
+
+def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset_val: Dataset | None = None) -> dict:
+    """k-NN top-1 / top-5 (percent) for each ``--nb_knn``, as a dict (also written to ``output_dir/knn.json``)."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    check_args(args)
+    log_args(args)
+    seed_everything(args.seed + get_rank())  # the random initialisation, when there is no checkpoint
+
+    transform = eval_transform(args.input_size)
+    if dataset_train is None:
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), transform)
+    if dataset_val is None:
+        dataset_val = image_folder(os.path.join(args.data_path, "val"), transform)
+    model = build_encoder(args, device)
+
+    start = time.time()
+    train_f, train_l = extract_features(model, dataset_train, args.batch_size, device, args.amp, args.num_workers)
+    val_f, val_l = extract_features(model, dataset_val, args.batch_size, device, args.amp, args.num_workers)
+    extracted = time.time() - start
+    num_classes = len(getattr(dataset_train, "classes", [])) or None
+    stats = knn_accuracy(train_f, train_l, val_f, val_l, args.nb_knn, args.temperature, num_classes)
+    for k in args.nb_knn:
+        logger.info("%d-NN: top-1 %.2f, top-5 %.2f", k, stats[f"knn_k{k}_acc1"], stats[f"knn_k{k}_acc5"])
+    logger.info("features of %d + %d images in %.1f s", len(train_l), len(val_l), extracted)
+
+    if is_main_process():
+        if args.save_features:
+            features = {"train_features": train_f, "train_labels": train_l, "val_features": val_f,
+                        "val_labels": val_l}  # fmt: skip
+            write_atomic(os.path.join(args.save_features, "features.pt"), lambda f: torch.save(features, f))
+        if args.output_dir:
+            write_text_atomic(os.path.join(args.output_dir, "knn.json"), json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(argparse.ArgumentParser("MAE / MixMIM k-NN evaluation", parents=[get_args_parser()]), main)

@@ -1,0 +1,94 @@
+"""k-NN evaluation (util/knn.py, main_knn.py): the DINO vote against a brute-force reference, any checkpoint of
+either family, and two processes equal one."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import make_image_folder, parse, run_torchrun
+
+import main_knn
+from util.knn import knn_accuracy, knn_classify
+from util.models import build_classifier, build_pretrain_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def brute_force(train_f, train_l, test_f, k: int, temperature: float, num_classes: int) -> list[list[int]]:
+    """For each test vector: the classes that got votes, by summed exp(cos / T) over its k most similar training
+    vectors, written as plain loops."""
+    ranked = []
+    for q in test_f.tolist():
+        sims = [sum(a * b for a, b in zip(q, t, strict=True)) for t in train_f.tolist()]
+        nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in nearest:
+            votes[int(train_l[i])] += math.exp(sims[i] / temperature)
+        voted = sorted((c for c in range(num_classes) if votes[c] > 0), key=lambda c: -votes[c])
+        ranked.append(voted)  # classes without a vote are tied at 0: their order is arbitrary
+    return ranked
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_the_vote_equals_a_brute_force_reference(k: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    train_f = torch.nn.functional.normalize(torch.randn(60, 8, generator=g, dtype=torch.float64), dim=1)
+    test_f = torch.nn.functional.normalize(torch.randn(25, 8, generator=g, dtype=torch.float64), dim=1)
+    train_l = torch.randint(0, 7, (60,), generator=g)
+    ours = knn_classify(train_f, train_l, test_f, [k], temperature=0.07, num_classes=7, chunk=10)[k]
+    reference = brute_force(train_f, train_l, test_f, k, 0.07, 7)
+    assert [o[: len(r[:5])] for o, r in zip(ours.tolist(), reference, strict=True)] == [r[:5] for r in reference]
+    assert any(len(r) > 1 for r in reference) or k == 1  # the weights decide an order, not only the top class
+
+
+def test_accuracy_counts_top1_and_top5() -> None:
+    # two training points per class on a circle; each test point sits on one training point of its class
+    angles = torch.arange(12, dtype=torch.float64) * (2 * math.pi / 12)
+    train_f = torch.stack([angles.cos(), angles.sin()], dim=1)
+    train_l = torch.arange(12) // 2  # classes 0..5
+    stats = knn_accuracy(train_f, train_l, train_f[::2], torch.tensor([0, 1, 2, 3, 4, 0]), [1, 12], num_classes=6)
+    assert stats["knn_k1_acc1"] == pytest.approx(100 * 5 / 6)  # the last test point (class 5) is labelled 0
+    assert stats["knn_k12_acc1"] == pytest.approx(100 * 5 / 6)
+    # with all 12 voting, that point (at 300 degrees) ranks classes 5, 4, 0 (at 0 and 30 degrees), ...: 0 is top-5
+    assert stats["knn_k12_acc5"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "model, kind", [("vit_tiny_patch4", "pretrain"), ("mixmim_tiny", "pretrain"), ("vit_tiny_patch4", "finetuned")]
+)
+def test_main_knn_on_two_ranks_equals_one_process(tmp_path: Path, model: str, kind: str) -> None:
+    """Pretraining (MAE, MixMIM) and fine-tuned (global-pool ViT, found from its fc_norm) checkpoints; the features
+    of two processes, gathered in dataset order, equal one process's, and so do the accuracies."""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=5, val_per_class=3)  # 15 and 9: uneven shards
+    torch.manual_seed(0)
+    if kind == "pretrain":
+        net = build_pretrain_model({"vit_tiny_patch4": "mae_vit_tiny_patch4"}.get(model, model), 32)
+    else:
+        net = build_classifier(model, 32, 3, 0.0, global_pool=True)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": net.state_dict()}, ckpt)
+    flags = dict(model=model, finetune=ckpt, data_path=data, input_size=32, batch_size=4, device="cpu", num_workers=0)
+
+    one = tmp_path / "one"
+    args = parse(main_knn.get_args_parser(), **flags, output_dir=one, save_features=one)
+    args.nb_knn = [1, 3]
+    single = main_knn.main(args)
+    assert json.loads((one / "knn.json").read_text()) == single
+    assert set(single) == {"knn_k1_acc1", "knn_k1_acc5", "knn_k3_acc1", "knn_k3_acc5"}
+
+    two = tmp_path / "two"
+    cli = ["main_knn.py", "--nb_knn", "1", "3"]
+    for key, value in {**flags, "output_dir": two, "save_features": two}.items():
+        cli += [f"--{key}", str(value)]
+    proc = run_torchrun(cli, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((two / "knn.json").read_text()) == pytest.approx(single)
+    a, b = (torch.load(d / "features.pt", weights_only=True) for d in (one, two))
+    assert len(a["train_features"]) == 15 and len(a["val_features"]) == 9
+    for key in ("train_labels", "val_labels"):
+        assert torch.equal(a[key], b[key])
+    for key in ("train_features", "val_features"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[key].norm(dim=1), torch.ones(len(a[key])), rtol=0, atol=1e-5)
