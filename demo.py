@@ -1,8 +1,8 @@
-"""The whole method on real images in ~12 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
+"""The whole method on real images in ~6 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
 
 1. MAE pretraining of ``mae_vit_tiny_patch4`` on (a subset of) the Fashion-MNIST train split;
-2. linear probe and fine-tuning from that checkpoint, and the same two from random initialisation, with the same
-   budget (images, epochs, learning rates);
+2. k-NN (``main_knn.py``, 20-NN), linear probe and fine-tuning from that checkpoint, and the same three from random
+   initialisation, with the same budget (images, epochs, learning rates);
 3. top-1 on the test split, pretrained vs scratch: printed as a table and written to ``results.json``; and
    reconstructions of test images (``reconstructions.png``, see ``visualize.py``).
 
@@ -15,7 +15,7 @@ torchvision's ``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package,
 and kept in memory as tensors (padded to 32x32, 3 channels, random flips for training). docs/demo.md ("What differs
 from running the scripts") lists what differs from running them on an ImageFolder.
 
-    python demo.py                       # MAE, ~12 min on 2 CPU cores
+    python demo.py                       # MAE, ~6 min on 2 CPU cores
     python demo.py --family mixmim       # the same with mixmim_tiny (64x64 inputs)
 """
 
