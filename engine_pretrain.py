@@ -3,7 +3,7 @@
 import argparse
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -90,9 +90,11 @@ def fit(
     device: torch.device,
     log_writer: SummaryWriter | None = None,
     position: dict | None = None,
+    knn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """The pretraining epochs from ``--start_epoch`` (at ``position``'s step when resumed inside it): train,
-    checkpoint, log; returns the last epoch's averages."""
+    checkpoint, ``knn(model)`` every ``--knn_freq`` epochs and at the last, log; returns the last epoch's
+    averages."""
     logger.info("Start training for %d epochs", args.epochs)
     start_time = time.time()
     train_stats: dict[str, float] = {}
@@ -111,6 +113,13 @@ def fit(
         )
         save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn_stats = knn(model)
+            logger.info("k-NN after epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in knn_stats.items()))
+            log_stats.update(knn_stats)
+            if log_writer is not None:
+                for key, value in knn_stats.items():
+                    log_writer.add_scalar(f"knn/{key}", value, epoch)
         log_epoch(args, log_writer, log_stats, {"train": (data_loader, True)}, device)
         stop_if_preempted(args, epoch, control)
     finish_training(log_writer, start_time)

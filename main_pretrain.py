@@ -8,6 +8,7 @@ CPU:              python main_pretrain.py --device cpu ...  (gloo under torchrun
 
 import argparse
 import logging
+import os
 
 from torch.utils.data import Dataset
 
@@ -15,9 +16,10 @@ from engine_pretrain import fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
-from util.datasets import image_folder, pretrain_transform, train_loader
+from util.datasets import eval_transform, image_folder, pretrain_transform, train_loader
 from util.dist import wrap_ddp
 from util.errors import UsageError
+from util.knn import PretrainingKNN
 from util.models import (
     build_pretrain_model,
     check_buildable,
@@ -122,6 +124,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "every epoch)",
     )
 
+    knn = parser.add_argument_group("k-NN during pretraining (not in the official scripts)")
+    knn.add_argument("--knn_freq", default=0, type=int,
+                     help="every N epochs (and at the last), k-NN top-1/top-5 of the encoder's frozen features, in "
+                     "log.txt and TensorBoard (knn/*); 0: off")  # fmt: skip
+    knn.add_argument("--knn_data_path", default="", help="a labelled ImageFolder with train/ and val/ (default: "
+                     "--data_path)")  # fmt: skip
+    knn.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
+
     add_runtime_args(parser, port=29529)
     return parser
 
@@ -139,6 +149,10 @@ def resolve_args(args: argparse.Namespace) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """One-line errors for arguments that cannot work, before any work is done."""
     validate_common_args(args)
+    if args.knn_freq < 0 or any(k < 1 for k in args.nb_knn):
+        raise UsageError(f"--knn_freq must be >= 0 and --nb_knn positive, got {args.knn_freq} and {args.nb_knn}")
+    if args.knn_data_path and not os.path.isdir(args.knn_data_path):
+        raise UsageError(f"--knn_data_path {args.knn_data_path} does not exist")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
@@ -180,8 +194,16 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     position = load_resume(args, model_without_ddp, optimizer, loss_scaler)  # inside an epoch, or None
 
+    knn = None
+    if args.knn_freq:  # labelled images with the evaluation transform; the weights are copied at each evaluation
+        root = args.knn_data_path or args.data_path
+        transform = eval_transform(args.input_size)
+        knn_sets = [image_folder(os.path.join(root, split), transform) for split in ("train", "val")]
+        knn = PretrainingKNN(args.model_name, args.input_size, *knn_sets, args.nb_knn, args.batch_size, device,
+                             args.amp, args.num_workers)  # fmt: skip
+
     log_writer = open_outputs(args)
-    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position)
+    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position, knn)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,40 @@ def knn_accuracy(
         stats[f"knn_k{k}_acc1"] = 100.0 * hit[:, 0].float().mean().item()
         stats[f"knn_k{k}_acc5"] = 100.0 * hit.any(dim=1).float().mean().item()
     return stats
+
+
+class PretrainingKNN:
+    """k-NN of a pretraining model's encoder during pretraining (``main_pretrain.py --knn_freq``): its weights are
+    copied into the classifier of its architecture (as ``--finetune`` loads them), whose features are voted on.
+    Call on every rank."""
+
+    def __init__(
+        self,
+        model_name: str,
+        input_size: int,
+        train: Dataset,
+        val: Dataset,
+        ks: list[int],
+        batch_size: int,
+        device: torch.device,
+        amp: str = "none",
+        num_workers: int = 0,
+    ):
+        from util.models import build_classifier, resolve_classifier_name
+
+        self.encoder = build_classifier(resolve_classifier_name(model_name), input_size, 1, 0.0, False, device)
+        self.encoder.to(device)
+        self.train, self.val, self.ks, self.batch_size = train, val, ks, batch_size
+        self.device, self.amp, self.num_workers = device, amp, num_workers
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        from util.checkpoint import load_pretrained_state
+        from util.models import unwrap
+
+        state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        load_pretrained_state(self.encoder, state, "the pretraining model", head_init_std=None)
+        args = (self.batch_size, self.device, self.amp, self.num_workers)
+        train_f, train_l = extract_features(self.encoder, self.train, *args)
+        val_f, val_l = extract_features(self.encoder, self.val, *args)
+        num_classes = len(getattr(self.train, "classes", [])) or None
+        return knn_accuracy(train_f, train_l, val_f, val_l, self.ks, num_classes=num_classes)
