@@ -95,27 +95,38 @@ def test_main_knn_on_two_ranks_equals_one_process(tmp_path: Path, model: str, ki
 
 
 @pytest.mark.parametrize("pre, clf", [("mae_vit_tiny_patch4", "vit_tiny_patch4"), ("mixmim_tiny", "mixmim_tiny")])
-def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path, pre: str, clf: str) -> None:
-    """--knn_freq 1: every epoch's log line and TensorBoard get the k-NN of the encoder; the last one equals
-    main_knn.py on the checkpoint that epoch wrote (a separate path: the weights go through the file)."""
+def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path, pre: str, clf: str, monkeypatch):
+    """--knn_freq 1: every epoch's log line and TensorBoard get the k-NN of the encoder; the last one (its features
+    and its accuracy) equals main_knn.py on the checkpoint that epoch wrote (a separate path: the weights go
+    through the file)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from train_utils import tiny_run_args
 
     import main_pretrain
+    import util.knn
 
     data = make_image_folder(tmp_path / "data", classes=3, per_class=4, val_per_class=2)
     out = tmp_path / "pre"
-    args = parse(main_pretrain.get_args_parser(),
-                 **tiny_run_args(data, out, model=pre, epochs=2, warmup_epochs=1, knn_freq=1))  # fmt: skip
+    args = parse(
+        main_pretrain.get_args_parser(), **tiny_run_args(data, out, model=pre, epochs=2, warmup_epochs=1, knn_freq=1)
+    )
     args.nb_knn = [3]
+    seen = []
+    real = util.knn.knn_accuracy
+    monkeypatch.setattr(util.knn, "knn_accuracy", lambda *a, **k: (seen.append(a[0].clone()), real(*a, **k))[1])
     main_pretrain.main(args)
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # the encoder's weights changed in between
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [("knn_k3_acc1" in line, "knn_k3_acc5" in line) for line in lines] == [(True, True)] * 2
     events = EventAccumulator(str(out))
     events.Reload()
     assert [e.step for e in events.Scalars("knn/knn_k3_acc1")] == [0, 1]
 
-    kargs = parse(main_knn.get_args_parser(), model=clf, finetune=out / "checkpoint-last.pth", data_path=data,
-                  input_size=32, batch_size=4, device="cpu", num_workers=0)  # fmt: skip
+    kargs = parse(
+        main_knn.get_args_parser(), model=clf, finetune=out / "checkpoint-last.pth", data_path=data, input_size=32,
+        batch_size=4, device="cpu", num_workers=0, save_features=tmp_path,
+    )  # fmt: skip
     kargs.nb_knn = [3]
     assert main_knn.main(kargs) == {k: lines[-1][k] for k in ("knn_k3_acc1", "knn_k3_acc5")}
+    saved = torch.load(tmp_path / "features.pt", weights_only=True)["train_features"]
+    torch.testing.assert_close(seen[-1], saved, rtol=0, atol=1e-6)
