@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.amp import resolve_amp
-from util.checkpoint import load_checkpoint_file, load_pretrained, state_dict_of
+from util.checkpoint import load_checkpoint_file, load_pretrained_state, state_dict_of
 from util.cli import add_runtime_args, log_args, run_cli
 from util.datasets import eval_transform, image_folder
 from util.dist import get_rank, init_distributed_mode, is_main_process
@@ -79,13 +79,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The classifier of ``--model`` with ``--finetune``'s weights; its head is not used."""
+    state = state_dict_of(load_checkpoint_file(args.finetune)) if args.finetune else {}
     global_pool = args.global_pool
     if global_pool is None:  # a global-pool fine-tuned checkpoint has fc_norm instead of the final norm
-        keys = state_dict_of(load_checkpoint_file(args.finetune)) if args.finetune else {}
-        global_pool = "fc_norm.weight" in keys and "norm.weight" not in keys
+        global_pool = "fc_norm.weight" in state and "norm.weight" not in state
     model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device)
     if args.finetune:
-        load_pretrained(model, args.finetune, head_init_std=None)
+        load_pretrained_state(model, state, args.finetune, head_init_std=None)
     return model.to(device).eval()
 
 

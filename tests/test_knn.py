@@ -130,3 +130,17 @@ def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path
     assert main_knn.main(kargs) == {k: lines[-1][k] for k in ("knn_k3_acc1", "knn_k3_acc5")}
     saved = torch.load(tmp_path / "features.pt", weights_only=True)["train_features"]
     torch.testing.assert_close(seen[-1], saved, rtol=0, atol=1e-6)
+
+
+def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
+    """Every image counts in a k-NN evaluation: an unreadable file stops it with the file's name (one line from the
+    CLI), as in training."""
+    from util.errors import BadImageError
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, val_per_class=2)
+    bad = data / "val" / "class1" / "broken.png"
+    bad.write_bytes(b"not an image")
+    args = parse(main_knn.get_args_parser(), model="vit_tiny_patch4", data_path=data, input_size=32, batch_size=2,
+                 device="cpu", num_workers=0)  # fmt: skip
+    with pytest.raises(BadImageError, match=f"cannot read image {bad}"):
+        main_knn.main(args)

@@ -220,6 +220,11 @@ def load_model_strict(model: nn.Module, state_dict: dict, source: str) -> None:
     model.load_state_dict(state_dict)
 
 
+def run_layout(args: argparse.Namespace) -> dict:
+    """What a position inside an epoch depends on: the number of processes, ``--batch_size`` and ``--accum_iter``."""
+    return {"world_size": get_world_size(), "batch_size": args.batch_size, "accum_iter": args.accum_iter}
+
+
 def load_resume(
     args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_scaler
 ) -> dict | None:
@@ -241,7 +246,7 @@ def load_resume(
         if "scaler" in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])
         if "step" in checkpoint:  # written inside the epoch: continue that epoch at that step
-            layout = {"world_size": get_world_size(), "batch_size": args.batch_size, "accum_iter": args.accum_iter}
+            layout = run_layout(args)
             saved = checkpoint.get("layout", layout)
             if saved != layout:
                 raise UsageError(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.amp import autocast
-from util.datasets import CheckedImageFolder, CollateSkippingBad
+from util.datasets import CheckedImageFolder, CheckedLoader, CollateSkippingBad
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
 
 logger = logging.getLogger(__name__)
@@ -33,14 +33,13 @@ def extract_features(
     model.eval()
     world, rank = get_world_size(), get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # pads to equal shards
-    collate = CollateSkippingBad(dataset, substitute=False) if isinstance(dataset, CheckedImageFolder) else None
+    checked = isinstance(dataset, CheckedImageFolder)
+    collate = CollateSkippingBad(dataset, substitute=False) if checked else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
+    if checked:  # an unreadable file: BadImageError naming it (every image must count: no skipping here)
+        loader = CheckedLoader(loader, skip=False, what=dataset.root)
     feats, labels = [], []
-    for batch in loader:
-        images, targets = batch[0], batch[1]
-        if collate is not None and batch[2]:
-            path, reason = batch[2][0]
-            raise ValueError(f"cannot read image {path} ({reason})")
+    for images, targets in loader:
         with autocast(device, amp):
             feats.append(model.forward_features(images.to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(targets).to(device))

@@ -11,10 +11,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from util.amp import resolve_amp
-from util.checkpoint import resolve_resume, save_checkpoint
+from util.checkpoint import resolve_resume, run_layout, save_checkpoint
 from util.cli import log_args, save_args_json
 from util.datasets import skipped_images
-from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import barrier, get_rank, init_distributed_mode, is_main_process
 from util.errors import Preempted
 from util.files import append_log_line, check_output_dir
 from util.preemption import SIGNALS, EpochControl
@@ -72,8 +72,7 @@ def epoch_control(args: argparse.Namespace, epoch: int, model, optimizer, loss_s
     resumes at with the ranks' RNG states."""
 
     def save(step: int, rng: list[dict]) -> None:
-        layout = {"world_size": get_world_size(), "batch_size": args.batch_size, "accum_iter": args.accum_iter}
-        position = {"step": step, "rng": rng, "layout": layout}
+        position = {"step": step, "rng": rng, "layout": run_layout(args)}
         save_checkpoint(args, epoch, model, optimizer, loss_scaler, numbered=False, position=position)
 
     if position is None:
