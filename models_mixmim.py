@@ -33,16 +33,17 @@ Shape legend:
     Lo  tokens on the output grid, (H / S) * (W / S); Dd decoder width
 """
 
-from __future__ import annotations
-
 import random
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_, use_fused_attn
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
@@ -86,6 +87,16 @@ def window_mix_mask(mask: torch.Tensor, h: int, w: int, ws: int) -> torch.Tensor
     return torch.zeros(cross.shape, dtype=mask.dtype, device=mask.device).masked_fill_(cross, float("-inf"))[:, None]
 
 
+@register_notrace_function  # FX: a leaf (its branch depends on the device)
+def aligned_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """(..., N, N) additive mask for SDPA: on CUDA with rows 16-aligned in memory, else the memory-efficient kernel
+    pads a batch-sized copy of it."""
+    N = attn_mask.shape[-1]
+    if attn_mask.is_cuda and N % 16 != 0:
+        return F.pad(attn_mask, (0, -N % 16))[..., :N]
+    return attn_mask
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative-position bias (Swin, no shift)."""
 
@@ -98,8 +109,11 @@ class WindowAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused_attn: bool | None = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -107,12 +121,13 @@ class WindowAttention(nn.Module):
         self.fused_attn = use_fused_attn() if fused_attn is None else fused_attn  # SDPA or plain, fixed here
 
         self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads)
+            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads, **dd)
         )  # ((2*ws0-1)*(2*ws1-1), nH)
-        self.register_buffer("relative_position_index", relative_position_index(window_size))  # (N, N)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        index = relative_position_index(window_size).to(device)  # (N, N)
+        self.register_buffer("relative_position_index", index)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         # after qkv and proj, as the official code: the same seed gives the same weights
         trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -140,11 +155,10 @@ class WindowAttention(nn.Module):
         attn_mask = attn_mask.reshape(1, M * nH, N, N)
 
         if self.fused_attn:
-            q, k, v = (t.reshape(-1, M * nH, N, D // nH) for t in (q, k, v))  # (B*nW/M, M*nH, N, hd)
-            attn_mask = attn_mask.to(q.dtype)
-            if attn_mask.is_cuda and N % 16:
-                # rows 16-aligned in memory, else the memory-efficient kernel pads a batch-sized copy of the mask
-                attn_mask = F.pad(attn_mask, (0, -N % 16))[..., :N]
+            q = q.reshape(-1, M * nH, N, D // nH)  # (B*nW/M, M*nH, N, hd)
+            k = k.reshape(-1, M * nH, N, D // nH)
+            v = v.reshape(-1, M * nH, N, D // nH)
+            attn_mask = aligned_mask(attn_mask.to(q.dtype))
             x = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -180,8 +194,11 @@ class MixMIMBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         fused_attn: bool | None = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.dim = dim
         self.input_resolution = input_resolution
         self.window_size = min(window_size, *input_resolution)
@@ -189,7 +206,7 @@ class MixMIMBlock(nn.Module):
         if h % self.window_size or w % self.window_size:
             raise ValueError(f"window size {self.window_size} must divide the {h}x{w} token grid")
 
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = WindowAttention(
             dim,
             window_size=(self.window_size, self.window_size),
@@ -198,10 +215,11 @@ class MixMIMBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=drop,
             fused_attn=fused_attn,
+            **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
 
     def forward(self, x: torch.Tensor, mix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, D); mix_mask: (nW, 1, N, N) or None."""
@@ -218,12 +236,19 @@ class MixMIMBlock(nn.Module):
 class PatchMerging(nn.Module):
     """Concatenate each 2x2 group of tokens and project 4D -> 2D (timm 0.5 / Swin layout and names)."""
 
-    def __init__(self, input_resolution: tuple[int, int], dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+    def __init__(
+        self,
+        input_resolution: tuple[int, int],
+        dim: int,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.input_resolution = input_resolution
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, device=device, dtype=dtype)
+        self.norm = norm_layer(4 * dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, D) -> (B, h/2*w/2, 2D)."""
@@ -254,8 +279,11 @@ class MixMIMLayer(nn.Module):
         downsample: type[nn.Module] | None = None,
         use_checkpoint: bool = False,
         fused_attn: bool | None = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.dim = dim
         self.input_resolution = input_resolution
         self.depth = depth
@@ -274,22 +302,29 @@ class MixMIMLayer(nn.Module):
                     drop_path=drop_path[i] if isinstance(drop_path, Sequence) else drop_path,
                     norm_layer=norm_layer,
                     fused_attn=fused_attn,
+                    **dd,
                 )
                 for i in range(depth)
             ]
         )
-        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer, **dd) if downsample else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, D); mask: (1, L, 1) mixing mask of this stage, or None -> (B, L', D')."""
-        mix_mask = None
+    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage's blocks without the downsampling: x (B, L, D); mask (1, L, 1) mixing mask or None."""
+        mix_mask: torch.Tensor | None = None
         if mask is not None:  # built once for all blocks of the stage
-            mix_mask = window_mix_mask(mask, *self.input_resolution, self.blocks[0].window_size)  # (nW, 1, N, N)
+            h, w = self.input_resolution
+            mix_mask = window_mix_mask(mask, h, w, self.blocks[0].window_size)  # (nW, 1, N, N)
         for blk in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
+            if self.use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, mix_mask, use_reentrant=False)
             else:
                 x = blk(x, mix_mask)
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D); mask: (1, L, 1) mixing mask of this stage, or None -> (B, L', D')."""
+        x = self.forward_blocks(x, mask)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -304,11 +339,15 @@ class MixMIMEncoder(nn.Module):
     Patch embedding, fixed 2-D sin-cos ``absolute_pos_embed``, ``len(depths)`` stages of window-attention blocks
     (each but the last followed by PatchMerging), final LayerNorm. With a mask per stage the input is mixed with
     its partner ``x.flip(0)`` and attention is confined to each image's tokens.
+
+    Feature maps (timm's ``forward_intermediates`` and ``feature_info``): stage ``i`` gives its blocks' output before
+    the downsampling, ``embed_dim * 2**i`` channels at stride ``patch_size * 2**i`` (4/8/16/32 for the official
+    models); the final ``norm`` belongs to the last stage only.
     """
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 4,
         in_chans: int = 3,
         embed_dim: int = 96,
@@ -324,8 +363,11 @@ class MixMIMEncoder(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         use_checkpoint: bool = False,
         fused_attn: bool | None = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.img_size = img_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -344,6 +386,7 @@ class MixMIMEncoder(nn.Module):
             in_chans=in_chans,
             embed_dim=embed_dim,
             norm_layer=norm_layer if patch_norm else None,
+            **dd,
         )
         self.patch_grid = self.patch_embed.grid_size
         if self.patch_grid[0] != self.patch_grid[1] or self.patch_grid[0] % 2 ** (self.num_layers - 1):
@@ -353,6 +396,7 @@ class MixMIMEncoder(nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]  # stochastic depth
         self.layers = nn.ModuleList()
+        self.feature_info = []
         for i in range(self.num_layers):
             self.layers.append(
                 MixMIMLayer(
@@ -370,14 +414,17 @@ class MixMIMEncoder(nn.Module):
                     downsample=PatchMerging if i < self.num_layers - 1 else None,
                     use_checkpoint=use_checkpoint,
                     fused_attn=fused_attn,
+                    **dd,
                 )
             )
+            # the stage's last block outputs the feature map (the downsampling follows it)
+            module = f"layers.{i}.blocks.{depths[i] - 1}"
+            self.feature_info.append(dict(num_chs=embed_dim * 2**i, reduction=patch_size * 2**i, module=module))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        self.norm = norm_layer(self.num_features)
-        # fixed sin-cos embedding, a parameter (not a buffer) so the official state_dict names hold
-        self.absolute_pos_embed = nn.Parameter(
-            torch.zeros(1, self.patch_embed.num_patches, embed_dim), requires_grad=False
-        )
+        self.norm = norm_layer(self.num_features, **dd)
+        # fixed sin-cos embedding: a buffer under the official state_dict name (the official code has a frozen
+        # Parameter; no optimizer took it, and a buffer is what timm and DDP expect of a constant)
+        self.register_buffer("absolute_pos_embed", torch.zeros(1, self.patch_embed.num_patches, embed_dim, **dd))
 
     def initialize_weights(self) -> None:
         """Sin-cos position embedding; xavier-uniform Linear layers, unit LayerNorms (as the official code).
@@ -385,11 +432,18 @@ class MixMIMEncoder(nn.Module):
         The patch-embedding convolution keeps PyTorch's default initialisation, as in the official code.
         """
         pos_embed = get_2d_sincos_pos_embed(self.embed_dim, self.patch_grid[0], cls_token=False)
-        self.absolute_pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        with torch.no_grad():
+            self.absolute_pos_embed.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
         # same module order as the official code, so the same seed gives the same weights
         self.apply(init_weights_xavier)
 
-    def forward_encoder(self, x: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (the official ``use_checkpoint``)."""
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    def forward_encoder(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, Lo, D4) normalised tokens of the last stage.
 
         masks: None (no mixing), or one (1, L_s, 1) mask per stage from ``random_masking``: where it is 1 a token
@@ -403,6 +457,51 @@ class MixMIMEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if masks is None else masks[i])
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stages' feature maps, as timm's SwinTransformer (no mixing, nothing masked).
+
+        indices: the last n stages if an int, all if None, else those listed; norm: apply the final norm to the
+        last stage's map; stop_early: stop after the last stage asked for; output_fmt: "NCHW" or "NHWC".
+        Returns the maps, or (the final features as ``forward_features`` gives them, the maps).
+        """
+        assert output_fmt in ("NCHW", "NHWC"), "output_fmt must be NCHW or NHWC"
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        x = self.pos_drop(self.patch_embed(x) + self.absolute_pos_embed)  # (B, L, D)
+        B = x.shape[0]
+        intermediates = []
+        stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
+        i = 0
+        for i, layer in enumerate(stages):
+            x = layer.forward_blocks(x)  # (B, L_i, D_i)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                h, w = layer.input_resolution
+                y = y.reshape(B, h, w, -1)  # (B, h_i, w_i, D_i)
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return self._grid(x), intermediates
+
+    def _grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Lo, D) tokens after the last stage -> (B, D, ho, wo) map."""
+        h, w = self.layers[-1].input_resolution
+        if self.layers[-1].downsample is not None:
+            h, w = h // 2, w // 2
+        return x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)  # (B, D, ho, wo)
 
 
 class MixMIM(MixMIMEncoder):
@@ -586,21 +685,72 @@ class MixMIM(MixMIMEncoder):
 
 
 class MixMIMClassifier(MixMIMEncoder):
-    """The MixMIM encoder with average pooling and a linear ``head`` (official ``models_mixmim_ft.MixMIM``)."""
+    """The MixMIM encoder with average pooling and a linear ``head`` (official ``models_mixmim_ft.MixMIM``).
 
-    def __init__(self, num_classes: int = 1000, **kwargs):
+    timm's model API (as its SwinTransformer, but NCHW maps like its convnets): ``forward_features`` gives the last
+    stage's normalised map (B, D4, ho, wo), ``forward_head`` pools it (``global_pool`` "avg", or "" for none) and
+    classifies; ``reset_classifier``, ``forward_intermediates``, ``prune_intermediate_layers``,
+    ``set_grad_checkpointing``, and ``timm.create_model(name, features_only=True)`` (the four stages).
+    """
+
+    def __init__(self, num_classes: int = 1000, global_pool: str = "avg", **kwargs):
         super().__init__(**kwargs)
+        assert global_pool in ("", "avg"), f"global_pool must be 'avg' or '', not {global_pool!r}"
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = global_pool
+        self.head_hidden_size = self.num_features
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none, ``forward`` returns the pooled features) of the encoder's
+        dtype and device; ``global_pool`` "avg" or "" (None keeps the current)."""
+        if global_pool is not None:
+            assert global_pool in ("", "avg"), f"global_pool must be 'avg' or '', not {global_pool!r}"
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else self.patch_embed.proj.weight
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (timm's contract); returns the indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        self.layers = self.layers[: max_index + 1]
+        if prune_end:  # the features now end at the last kept stage's map, before its downsampling
+            self.layers[-1].downsample = None
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:  # the final norm is sized for the last stage
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D4) average of the last stage's normalised tokens."""
-        return self.forward_encoder(x).mean(dim=1)
+        """(B, C, H, W) -> (B, D4, ho, wo) normalised tokens of the last stage."""
+        return self._grid(self.forward_encoder(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, D4, ho, wo) -> (B, num_classes) logits; ``pre_logits``: the (B, D4) average (official avgpool)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))  # (B, D4)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes) logits."""
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -635,9 +785,57 @@ def _mixmim(pretrained: bool, overrides: dict, **arch) -> MixMIM:
     return MixMIM(**{**arch, **drop_timm_kwargs(overrides)})
 
 
-def _classifier(pretrained: bool, overrides: dict, **arch) -> MixMIMClassifier:
-    _check_pretrained(pretrained)
-    return MixMIMClassifier(**{**arch, **drop_timm_kwargs(overrides)})
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm's ``pretrained_filter_fn``: a MixMIM checkpoint (official or ours; pretraining or fine-tuned) as a
+    state dict for ``model``, with the project's ``--finetune`` rules (util/checkpoint.py ``load_pretrained_state``):
+    the decoder and mask token dropped, position tables resized, a head of another shape left out, one-line errors
+    for anything else that does not fit; keys the checkpoint lacks (the head) keep the model's initialisation."""
+    from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
+
+    load_pretrained_state(model, dict(state_dict_of(state_dict)), "pretrained_cfg file", head_init_std=None)
+    return model.state_dict()
+
+
+def _classifier(variant: str, pretrained: bool, overrides: dict, **arch) -> MixMIMClassifier:
+    return build_model_with_cfg(
+        MixMIMClassifier,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **{**arch, **overrides},
+    )
+
+
+def _cfg(size: int = 224, stride: int = 32, **kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "pool_size": (size // stride, size // stride),
+        "crop_pct": 0.875 if size <= 224 else 1.0,  # the official evaluation transform
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+# the classifiers' configurations (no weights are bundled; ``pretrained_cfg_overlay=dict(file=...)`` points timm
+# at a checkpoint); the pretraining models are built without timm's machinery
+default_cfgs = generate_default_cfgs(
+    {
+        "mixmim_base_ft": _cfg(),
+        "mixmim_base_384_ft": _cfg(384),
+        "mixmim_large_ft": _cfg(),
+        "mixmim_large_384_ft": _cfg(384),
+        "mixmim_huge_ft": _cfg(),
+        "mixmim_tiny_ft": _cfg(64, 16),
+    }
+)
 
 
 @register_model
@@ -663,30 +861,30 @@ def mixmim_tiny(pretrained: bool = False, **kwargs) -> MixMIM:
 
 @register_model
 def mixmim_base_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
-    return _classifier(pretrained, kwargs, **_AT_224, **_BASE)
+    return _classifier("mixmim_base_ft", pretrained, kwargs, **_AT_224, **_BASE)
 
 
 @register_model
 def mixmim_base_384_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
-    return _classifier(pretrained, kwargs, **_AT_384, **_BASE)
+    return _classifier("mixmim_base_384_ft", pretrained, kwargs, **_AT_384, **_BASE)
 
 
 @register_model
 def mixmim_large_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
-    return _classifier(pretrained, kwargs, **_AT_224, **_LARGE)
+    return _classifier("mixmim_large_ft", pretrained, kwargs, **_AT_224, **_LARGE)
 
 
 @register_model
 def mixmim_large_384_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
-    return _classifier(pretrained, kwargs, **_AT_384, **_LARGE)
+    return _classifier("mixmim_large_384_ft", pretrained, kwargs, **_AT_384, **_LARGE)
 
 
 @register_model
 def mixmim_huge_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
-    return _classifier(pretrained, kwargs, **_AT_224, **_HUGE)
+    return _classifier("mixmim_huge_ft", pretrained, kwargs, **_AT_224, **_HUGE)
 
 
 @register_model
 def mixmim_tiny_ft(pretrained: bool = False, **kwargs) -> MixMIMClassifier:
     """Classifier twin of ``mixmim_tiny``."""
-    return _classifier(pretrained, kwargs, **_TINY)
+    return _classifier("mixmim_tiny_ft", pretrained, kwargs, **_TINY)

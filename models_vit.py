@@ -1,9 +1,18 @@
-"""Vision Transformer classifier for fine-tuning and linear probing MAE encoders.
+"""Vision Transformer classifier for fine-tuning and linear probing MAE encoders; a timm backbone.
 
-A reimplementation of facebookresearch/mae ``models_vit.py``: the timm ViT of the time with a ``global_pool``
-switch. State-dict names are those of the official fine-tuned checkpoints (``mae_finetuned_vit_*.pth``), so
-they load with ``strict=True``; an MAE pretraining checkpoint loads into it with only the head (and ``fc_norm``
-when ``global_pool``) missing.
+A reimplementation of facebookresearch/mae ``models_vit.py``, which subclassed the timm ViT of its time to add a
+``global_pool`` switch; this one subclasses today's timm ``VisionTransformer``. State-dict names are those of the
+official fine-tuned checkpoints (``mae_finetuned_vit_*.pth``), so they load with ``strict=True``; an MAE pretraining
+checkpoint loads into it with only the head (and ``fc_norm`` when ``global_pool``) missing. The initialisation and
+the parameter order are the official ones, so the same seed gives the same weights.
+
+Being a timm ViT it has timm's whole model API: ``forward_features`` (all tokens, normalised) and ``forward_head``,
+``forward_intermediates`` / ``prune_intermediate_layers``, ``reset_classifier``, ``set_input_size``, gradient
+checkpointing, ``timm.create_model(name, features_only=True, out_indices=...)`` (stride-``patch_size`` maps of the
+chosen blocks), TorchScript and FX. A checkpoint loads by timm's own mechanism (``checkpoint_filter_fn``)::
+
+    timm.create_model("vit_base_patch16", pretrained=True,
+                      pretrained_cfg_overlay=dict(file="mae_pretrain_vit_base.pth"))
 
 Shape legend:
     N  batch size
@@ -15,70 +24,31 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import register_model
-from timm.models.vision_transformer import Block, PatchEmbed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import vision_transformer as timm_vit
 
-from models_mae import drop_timm_kwargs
+__all__ = ["VisionTransformer", "checkpoint_filter_fn"]
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(timm_vit.VisionTransformer):
     """ViT with a cls token and learned position embedding; classifies from pooled patch tokens or the cls token.
 
-    ``global_pool=True`` (the official fine-tuning default): mean of the patch tokens, then ``fc_norm``.
-    ``global_pool=False``: ``norm`` over all tokens, then the cls token.
+    ``global_pool=True`` (the official fine-tuning default; timm's ``"avg"``): mean of the patch tokens, then
+    ``fc_norm`` (no final ``norm``). ``global_pool=False`` (timm's ``"token"``): ``norm`` over all tokens, then the
+    cls token. timm's other pool names (``""``: no pooling, ...) are accepted too.
     """
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        global_pool: bool = False,
-    ):
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
-        self.global_pool = global_pool
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(p=drop_rate)
-
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
-        self.blocks = nn.ModuleList(
-            [
-                Block(
-                    embed_dim,
-                    num_heads,
-                    mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                )
-                for i in range(depth)
-            ]
-        )
-        # registration order as the official model (parameter and optimizer-group order follow it)
-        if not global_pool:
-            self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if global_pool:
-            self.fc_norm = norm_layer(embed_dim)
+    def __init__(self, global_pool: bool | str = False, **kwargs):
+        if isinstance(global_pool, bool):
+            global_pool = "avg" if global_pool else "token"
+        # timm's own initialisation is skipped: the official one follows, with the official random draws
+        super().__init__(global_pool=global_pool, weight_init="skip", **kwargs)
+        # registration order of the official model: head before fc_norm (parameter and optimizer-group order)
+        fc_norm = self.fc_norm
+        del self.fc_norm
+        self.fc_norm = fc_norm
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -98,51 +68,82 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images -> (N, D) pooled features (before the head)."""
-        expected = self.patch_embed.img_size
-        if tuple(x.shape[-2:]) != tuple(expected):
-            raise ValueError(
-                f"input images are {tuple(x.shape[-2:])} but the model was built for {tuple(expected)}; "
-                "build it with img_size=... to match --input_size"
-            )
-        x = self.patch_embed(x)  # (N, L, D)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1+L, D)
-        x = self.pos_drop(x + self.pos_embed)
-        for blk in self.blocks:
-            x = blk(x)
-        if self.global_pool:
-            return self.fc_norm(x[:, 1:, :].mean(dim=1))  # mean of patch tokens, without cls: (N, D)
-        return self.norm(x)[:, 0]  # cls token: (N, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images -> (N, num_classes) logits."""
-        return self.head(self.forward_features(x))
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm's ``pretrained_filter_fn``: an MAE checkpoint (official or ours; pretraining or fine-tuned) as a state
+    dict for ``model``, with the project's ``--finetune`` rules (util/checkpoint.py ``load_pretrained_state``): the
+    decoder and mask token dropped, position embeddings interpolated, a head of another shape left out, one-line
+    errors for anything else that does not fit. Keys the checkpoint lacks (the head, ``fc_norm``) keep the
+    model's initialisation."""
+    from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
+
+    load_pretrained_state(model, dict(state_dict_of(state_dict)), "pretrained_cfg file", head_init_std=None)
+    return model.state_dict()
 
 
-def _vit(pretrained: bool, overrides: dict, **arch) -> VisionTransformer:
-    if pretrained:
-        raise ValueError("no pretrained weights are bundled; use --finetune or --resume with a checkpoint")
-    kwargs = {"norm_layer": partial(nn.LayerNorm, eps=1e-6), "qkv_bias": True, **arch, **drop_timm_kwargs(overrides)}
-    return VisionTransformer(**kwargs)
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,  # the official evaluation: resize 256, centre crop 224
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "cc-by-nc-4.0",
+        **kwargs,
+    }
+
+
+# no weights are bundled; ``pretrained_cfg_overlay=dict(file=...)`` points timm at a checkpoint
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_base_patch16": _cfg(),
+        "vit_large_patch16": _cfg(),
+        "vit_huge_patch14": _cfg(),
+        "vit_tiny_patch4": _cfg(input_size=(3, 32, 32)),
+    }
+)
+
+
+def _vit(variant: str, pretrained: bool, overrides: dict, **arch) -> VisionTransformer:
+    kwargs = {"norm_layer": partial(nn.LayerNorm, eps=1e-6), "qkv_bias": True, **arch, **overrides}
+    return build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
+        **kwargs,
+    )
 
 
 @register_model
 def vit_base_patch16(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    return _vit(pretrained, kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4)
+    return _vit(
+        "vit_base_patch16", pretrained, kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4
+    )
 
 
 @register_model
 def vit_large_patch16(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    return _vit(pretrained, kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4)
+    return _vit(
+        "vit_large_patch16", pretrained, kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4
+    )
 
 
 @register_model
 def vit_huge_patch14(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    return _vit(pretrained, kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4)
+    return _vit(
+        "vit_huge_patch14", pretrained, kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4
+    )
 
 
 @register_model
 def vit_tiny_patch4(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The encoder of ``mae_vit_tiny_patch4`` as a classifier for 32x32 images."""
-    return _vit(pretrained, kwargs, img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4)
+    return _vit("vit_tiny_patch4", pretrained, kwargs, img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)

@@ -114,9 +114,9 @@ def test_finetuned_encoder_gives_the_pretrained_features(tmp_path: Path, family:
     model.eval()
     with torch.no_grad():
         if family == "mae":
-            # nothing masked, tokens kept in order; the classifier (global_pool=False) returns the normalised cls token
+            # nothing masked, tokens kept in order: the classifier's tokens are the encoder's
             latent = pretrained.forward_encoder(x, mask_ratio=0.0, noise=torch.arange(64.0).expand(2, 64))[0]
-            expected, got = latent[:, 0], model.forward_features(x)
+            expected, got = latent, model.forward_features(x)
         else:
             expected, got = pretrained.forward_encoder(x, None), model.forward_encoder(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

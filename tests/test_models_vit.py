@@ -55,12 +55,14 @@ def test_mae_encoder_weights_load_with_only_head_missing():
     result = vit.load_state_dict(encoder, strict=False)
     assert sorted(result.missing_keys) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert sorted(result.unexpected_keys) == ["norm.bias", "norm.weight"]
-    # the same encoder gives the same cls-token features as the MAE encoder with nothing masked
+    # the same encoder gives the same tokens as the MAE encoder with nothing masked (and the noise keeping the
+    # patches in order), and the same cls-token features
     vit_cls = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False)
     vit_cls.load_state_dict(encoder, strict=True)
     x = torch.randn(2, 3, 32, 32)
     latent, _, _ = mae.forward_encoder(x, mask_ratio=0.0, noise=torch.arange(64.0).expand(2, -1))
-    torch.testing.assert_close(vit_cls.forward_features(x), latent[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vit_cls.forward_features(x), latent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vit_cls(x), latent[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_global_pool_and_cls_token_features():
@@ -80,9 +82,13 @@ def test_global_pool_and_cls_token_features():
         return t
 
     with torch.no_grad():
-        torch.testing.assert_close(gp.forward_features(x), gp.fc_norm(tokens(gp)[:, 1:].mean(dim=1)))
-        torch.testing.assert_close(cls.forward_features(x), cls.norm(tokens(cls))[:, 0])
-    assert not hasattr(gp, "norm") and not hasattr(cls, "fc_norm")
+        pre_logits = {m: m.forward_head(m.forward_features(x), pre_logits=True) for m in (gp, cls)}
+        torch.testing.assert_close(pre_logits[gp], gp.fc_norm(tokens(gp)[:, 1:].mean(dim=1)))
+        torch.testing.assert_close(pre_logits[cls], cls.norm(tokens(cls))[:, 0])
+        torch.testing.assert_close(gp(x), gp.head(pre_logits[gp]))
+    # the official checkpoints' layout: a global-pool model has no final norm, a cls-token model no fc_norm
+    assert not any(k.startswith("norm.") for k in gp.state_dict())
+    assert not any(k.startswith("fc_norm.") for k in cls.state_dict())
     assert gp.no_weight_decay() == {"pos_embed", "cls_token"}
 
 

@@ -28,8 +28,10 @@ def extract_features(
     amp: str = "none",
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) L2-normalised float32, labels (N,)) of ``model.forward_features`` over ``dataset``, in
-    dataset order, on every rank."""
+    """(features (N, D) L2-normalised float32, labels (N,)) over ``dataset``, in dataset order, on every rank.
+
+    The features are the classifier's input (timm's ``forward_head(..., pre_logits=True)``): the pooled, normalised
+    tokens (ViT: the cls token after ``norm``, or ``fc_norm`` of the mean patch token; MixMIM: the mean token)."""
     model.eval()
     world, rank = get_world_size(), get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # pads to equal shards
@@ -41,7 +43,8 @@ def extract_features(
     feats, labels = [], []
     for images, targets in loader:
         with autocast(device, amp):
-            feats.append(model.forward_features(images.to(device, non_blocking=True)).float())
+            tokens = model.forward_features(images.to(device, non_blocking=True))
+            feats.append(model.forward_head(tokens, pre_logits=True).float())
         labels.append(torch.as_tensor(targets).to(device))
     local_f = F.normalize(torch.cat(feats), dim=1)  # (n, D)
     local_l = torch.cat(labels)  # (n,)
