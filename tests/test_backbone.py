@@ -1,0 +1,132 @@
+"""Detection backbones: ViTDet's simple feature pyramid on the MAE ViT, an FPN on MixMIM's stages, and one Mask R-CNN
+training step of torchvision on each, from a pretraining checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import MaskRCNN
+
+import models_backbone
+import models_mae
+import models_mixmim
+from models_backbone import detection_backbone
+from util.errors import UsageError
+
+
+def _levels(out: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+def test_simple_feature_pyramid_resamples_the_last_blocks_map() -> None:
+    torch.manual_seed(0)
+    pyramid = detection_backbone("vit_tiny_patch4", out_channels=16).eval()
+    vit = pyramid.vit
+    x = torch.randn(2, 3, 32, 48)  # not the 32x32 the model was built for: the position embedding is resized
+    seen = {}
+    vit.blocks[-1].register_forward_hook(lambda _m, _i, out: seen.__setitem__("tokens", out))
+    pyramid.project[2].register_forward_hook(lambda _m, inputs, _o: seen.__setitem__("x1", inputs[0]))
+    with torch.no_grad():
+        out = pyramid(x)
+    # patch 4: strides 1, 2, 4, 8 and the pool level at 16
+    assert _levels(out) == {
+        "0": (2, 16, 32, 48),
+        "1": (2, 16, 16, 24),
+        "2": (2, 16, 8, 12),
+        "3": (2, 16, 4, 6),
+        "pool": (2, 16, 2, 3),
+    }
+    # the stride-p level is made from the last block's patch tokens on the 8x12 grid, row-major, without a norm
+    expected = seen["tokens"][:, 1:].reshape(2, 8, 12, 192).permute(0, 3, 1, 2)
+    torch.testing.assert_close(seen["x1"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out["pool"], out["3"][:, :, ::2, ::2], rtol=0, atol=0)  # stride-2 subsampling
+    with torch.no_grad():  # the x1/2 level is the 2x2 max-pool of the map through the same projection
+        torch.testing.assert_close(out["3"], pyramid.project[3](F.max_pool2d(expected, 2)), rtol=0, atol=0)
+    assert pyramid.strides == [1, 2, 4, 8]
+
+
+def test_stage_feature_pyramid_pads_to_the_encoders_size() -> None:
+    torch.manual_seed(0)
+    pyramid = detection_backbone("mixmim_tiny", out_channels=16).eval()  # a pretraining name gives its encoder
+    seen = {}
+    pyramid.encoder.patch_embed.register_forward_hook(lambda _m, inputs, _o: seen.__setitem__("x", inputs[0]))
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        out = pyramid(x)
+        # zeros below the image, as torchvision batches images: the boxes' coordinates stay those of the image
+        torch.testing.assert_close(seen["x"], torch.cat([x, torch.zeros(2, 3, 16, 64)], dim=2), rtol=0, atol=0)
+        assert _levels(out) == {
+            "0": (2, 16, 24, 32),
+            "1": (2, 16, 12, 16),
+            "2": (2, 16, 6, 8),
+            "3": (2, 16, 3, 4),
+            "pool": (2, 16, 2, 2),
+        }
+        with pytest.raises(ValueError, match="images of 96x64 exceed the 64x64"):
+            pyramid(torch.randn(1, 3, 96, 64))
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        detection_backbone("vit_tiny_patch4", str(tmp_path / "nope.pth"))
+
+
+def _targets(n: int, size: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(n):
+        xy = torch.randint(0, size // 2, (2, 2), generator=g).float()
+        wh = torch.randint(8, size // 2, (2, 2), generator=g).float()
+        boxes = torch.cat([xy, xy + wh], dim=1)  # (2, 4) x1 y1 x2 y2
+        masks = torch.zeros(2, size, size, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist(), strict=True):
+            m[y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks})
+    return targets
+
+
+@pytest.mark.parametrize(
+    "family,pretrain,size",
+    [("mae", models_mae.mae_vit_tiny_patch4, 32), ("mixmim", models_mixmim.mixmim_tiny, 64)],
+)
+def test_one_mask_rcnn_training_step(tmp_path: Path, family: str, pretrain, size: int) -> None:
+    torch.manual_seed(0)
+    encoder = pretrain()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": encoder.state_dict()}, path)  # the official layout
+
+    name = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}[family]
+    backbone = detection_backbone(name, str(path), out_channels=32)
+    inner = backbone.vit if family == "mae" else backbone.encoder
+    torch.testing.assert_close(inner.patch_embed.proj.weight, encoder.patch_embed.proj.weight, rtol=0, atol=0)
+    detector = MaskRCNN(
+        backbone,
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        rpn_pre_nms_top_n_train=64,
+        rpn_post_nms_top_n_train=32,
+        box_batch_size_per_image=32,
+    ).train()
+    images = list(torch.rand(2, 3, 64, 64))
+    losses = detector(images, _targets(2, 64))
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+    before = {n: p.detach().clone() for n, p in inner.named_parameters()}
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01)
+    sum(losses.values()).backward()
+    # every encoder weight is on the path from the image to the losses
+    no_grad = [n for n, p in inner.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in inner.named_parameters())
+
+
+def test_module_strides_follow_the_patch_size() -> None:
+    with torch.device("meta"):
+        vit = models_backbone.timm.create_model("vit_huge_patch14", num_classes=0, dynamic_img_size=True)
+        assert models_backbone.SimpleFeaturePyramid(vit).strides == [3.5, 7, 14, 28]
