@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="ViT: mean of the patch tokens + fc_norm (default: as the checkpoint has it, else the cls token)",
     )
     parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: the cls token")
+    parser.add_argument("--layer", default=None, type=int, help="k-NN on the mean of this block's (ViT, 0-based) or "
+                        "stage's (MixMIM) map instead of the classifier's features")  # fmt: skip
     parser.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
     parser.add_argument("--temperature", default=0.07, type=float, help="weights exp(cosine / T)")
     parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
@@ -86,6 +88,11 @@ def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
     model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device)
     if args.finetune:
         load_pretrained_state(model, state, args.finetune, head_init_std=None)
+    layers = len(model.feature_info)  # ViT: its blocks, MixMIM: its stages
+    if args.layer is not None and not 0 <= args.layer < layers:
+        raise UsageError(
+            f"--layer {args.layer} is not one of the {layers} layers of --model {args.model_name} (0-based)"
+        )
     return model.to(device).eval()
 
 
@@ -106,8 +113,9 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
     model = build_encoder(args, device)
 
     start = time.time()
-    train_f, train_l = extract_features(model, dataset_train, args.batch_size, device, args.amp, args.num_workers)
-    val_f, val_l = extract_features(model, dataset_val, args.batch_size, device, args.amp, args.num_workers)
+    knobs = (args.batch_size, device, args.amp, args.num_workers, args.layer)
+    train_f, train_l = extract_features(model, dataset_train, *knobs)
+    val_f, val_l = extract_features(model, dataset_val, *knobs)
     extracted = time.time() - start
     num_classes = len(getattr(dataset_train, "classes", [])) or None
     stats = knn_accuracy(train_f, train_l, val_f, val_l, args.nb_knn, args.temperature, num_classes)

@@ -144,3 +144,40 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
                  device="cpu", num_workers=0)  # fmt: skip
     with pytest.raises(BadImageError, match=f"cannot read image {bad}"):
         main_knn.main(args)
+
+
+@pytest.mark.parametrize(
+    "model, layer, module", [("vit_tiny_patch4", 2, "blocks.2"), ("mixmim_tiny", 1, "layers.1.blocks.0")]
+)
+def test_layer_features_are_the_mean_of_that_blocks_map(tmp_path: Path, model: str, layer: int, module: str) -> None:
+    """--layer: each image's feature is the average over positions of the block's (ViT: patch tokens, without the
+    cls token) or stage's (MixMIM: before its merging) output, read by a hook during a plain forward."""
+    from util.datasets import eval_transform, image_folder
+    from util.errors import UsageError
+    from util.models import resolve_classifier_name
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=2)
+    torch.manual_seed(0)
+    net = build_pretrain_model({"vit_tiny_patch4": "mae_vit_tiny_patch4"}.get(model, model), 32)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": net.state_dict()}, ckpt)
+    flags = dict(model=model, finetune=ckpt, data_path=data, input_size=32, batch_size=4, device="cpu", num_workers=0)
+    args = parse(main_knn.get_args_parser(), **flags, save_features=tmp_path, layer=layer)
+    args.nb_knn = [1]
+    main_knn.main(args)
+    saved = torch.load(tmp_path / "features.pt", weights_only=True)["train_features"]
+
+    eargs = parse(main_knn.get_args_parser(), **flags)
+    eargs.model_name = resolve_classifier_name(model)
+    encoder = main_knn.build_encoder(eargs, torch.device("cpu"))
+    seen = []
+    encoder.get_submodule(module).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    images = torch.stack([x for x, _ in image_folder(str(data / "train"), eval_transform(32))])
+    with torch.no_grad():
+        encoder(images)
+    tokens = seen[0][:, 1:] if model.startswith("vit") else seen[0]  # (N, L, D)
+    expected = torch.nn.functional.normalize(tokens.mean(dim=1), dim=1)
+    torch.testing.assert_close(saved, expected, rtol=0, atol=1e-5)
+
+    with pytest.raises(UsageError, match="--layer 9 is not one of the"):
+        main_knn.main(parse(main_knn.get_args_parser(), **flags, layer=9))

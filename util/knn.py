@@ -19,6 +19,15 @@ from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
 logger = logging.getLogger(__name__)
 
 
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, D): the classifier's input (timm's ``forward_head(..., pre_logits=True)``), or with
+    ``layer`` the mean over positions of that block's / stage's map (timm's ``forward_intermediates``)."""
+    if layer is None:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    (feature,) = model.forward_intermediates(images, indices=[layer], intermediates_only=True)  # (B, D, h, w)
+    return feature.mean(dim=(2, 3))
+
+
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
@@ -27,11 +36,13 @@ def extract_features(
     device: torch.device,
     amp: str = "none",
     num_workers: int = 0,
+    layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) L2-normalised float32, labels (N,)) over ``dataset``, in dataset order, on every rank.
 
     The features are the classifier's input (timm's ``forward_head(..., pre_logits=True)``): the pooled, normalised
-    tokens (ViT: the cls token after ``norm``, or ``fc_norm`` of the mean patch token; MixMIM: the mean token)."""
+    tokens (ViT: the cls token after ``norm``, or ``fc_norm`` of the mean patch token; MixMIM: the mean token);
+    with ``layer``, the average over positions of that block's (ViT) or stage's (MixMIM) map."""
     model.eval()
     world, rank = get_world_size(), get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # pads to equal shards
@@ -43,8 +54,7 @@ def extract_features(
     feats, labels = [], []
     for images, targets in loader:
         with autocast(device, amp):
-            tokens = model.forward_features(images.to(device, non_blocking=True))
-            feats.append(model.forward_head(tokens, pre_logits=True).float())
+            feats.append(pooled_features(model, images.to(device, non_blocking=True), layer).float())
         labels.append(torch.as_tensor(targets).to(device))
     local_f = F.normalize(torch.cat(feats), dim=1)  # (n, D)
     local_l = torch.cat(labels)  # (n,)
