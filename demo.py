@@ -46,6 +46,7 @@ from util.dist import cleanup, setup_logging
 from util.errors import NonFiniteLossError, UsageError
 from util.fashion_mnist import DEFAULT_DATA_PATH, FashionMNISTImages, prepare_root
 from util.files import append_log_line
+from util.knn import pooled_features
 from util.models import add_probe_head, build_classifier
 from util.optim import linprobe_optimizer, scaled_lr
 from util.run import begin_epoch, open_outputs, start_run
@@ -263,12 +264,12 @@ def pretrain(args: argparse.Namespace, dataset: FashionMNISTImages) -> Path:
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, dataset, args: argparse.Namespace, device: torch.device):
-    """(features (N, D), labels (N,)) of the frozen encoder, ``model.forward_features`` in eval mode."""
+    """(features (N, D), labels (N,)) of the frozen encoder in eval mode: the head's input (``pooled_features``)."""
     model.eval()
     feats, labels = [], []
     for images, targets in val_loader(dataset, args, device):
         with autocast(device, args.amp):
-            feats.append(model.forward_features(images.to(device)).float())
+            feats.append(pooled_features(model, images.to(device)).float())
         labels.append(targets)
     return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
 
