@@ -82,9 +82,10 @@ def test_a_short_run_writes_both_experiments(tmp_path: Path) -> None:
     )  # fmt: skip
     results = demo_backbone.main(args)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
-    for tag in ("pretrained", "scratch"):
+    for tag in ("pretrained", "untrained", "scratch"):
         assert len(results["knn_per_block"][tag]) == 6  # the six blocks of the tiny ViT
         assert all(0 <= a <= 100 for a in results["knn_per_block"][tag])
+    for tag in ("pretrained", "scratch"):
         assert 0 <= results["detection"][tag]["ap50"] <= 100
     assert results["knn_per_block"]["pretrained"] != results["knn_per_block"]["scratch"]  # the weights were loaded
     assert "| detection box AP50 (%), 2 steps |" in (tmp_path / "out" / "results.md").read_text()
