@@ -249,3 +249,132 @@ def test_a_3_channel_patch_embedding_is_adapted_by_timms_rule(tmp_path: Path, in
             model.patch_embed(g.expand(-1, in_chans, -1, -1)), source.patch_embed(g.expand(-1, 3, -1, -1)),
             rtol=1e-5, atol=1e-5,
         )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ image shape
+
+
+def test_non_square_mae_pretraining_uses_a_rectangular_sincos_grid(tmp_path: Path) -> None:
+    from util.pos_embed import get_2d_sincos_pos_embed
+
+    grey_images(tmp_path / "data", 8, size=52)
+    argv = []
+    for k, v in {**pretrain_flags(tmp_path / "data", tmp_path / "out"), "input_size": "32 48", "in_chans": 1,
+                 "mean": 0.5, "std": 0.25}.items():  # fmt: skip
+        argv += [f"--{k}", *str(v).split()]
+    stats = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    assert np.isfinite(stats["loss"])
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["input_size"] == [32, 48]
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)
+    expected = torch.from_numpy(get_2d_sincos_pos_embed(192, (8, 12), cls_token=True)).float()[None]
+    assert torch.equal(ckpt["model"]["pos_embed"], expected)
+
+
+@pytest.mark.parametrize(
+    "size, message", [("64 96", "takes square images only"), ("48", "cannot be built for --input_size 48")]
+)
+def test_mixmim_says_which_sizes_it_takes(tmp_path: Path, size: str, message: str) -> None:
+    grey_images(tmp_path / "data", 4)
+    argv = []
+    for k, v in {
+        **pretrain_flags(tmp_path / "data", tmp_path / "out"),
+        "model": "mixmim_tiny",
+        "input_size": size,
+    }.items():
+        argv += [f"--{k}", *str(v).split()]
+    with pytest.raises(UsageError, match=message):
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+
+
+# ------------------------------------------------------------------------------------------------ continued pretraining
+
+
+def constant_field(embed: torch.Tensor) -> torch.Tensor:
+    """(1, 1+L, D): the cls row kept, every grid position the same vector (bicubic resizing keeps it)."""
+    field = embed.clone()
+    field[:, 1:] = torch.linspace(-1, 1, embed.shape[-1])
+    return field
+
+
+def test_mae_continued_pretraining_from_a_3_channel_checkpoint_with_its_decoder(tmp_path: Path, caplog) -> None:
+    """An official-style checkpoint (encoder + decoder, 3 channels, 32 px) into a 1-channel MAE at 48 px: the
+    blocks and decoder load, the patch embedding is summed over RGB, both position embeddings are resized, the
+    decoder's output layer (p*p*3 values) starts fresh."""
+    torch.manual_seed(0)
+    source = build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()
+    source["pos_embed"], source["decoder_pos_embed"] = map(
+        constant_field, (source["pos_embed"], source["decoder_pos_embed"])
+    )
+    torch.save({"model": source}, tmp_path / "mae_visualize.pth")
+    model = build_pretrain_model("mae_vit_tiny_patch4", 48, in_chans=1)
+    fresh_pred = model.decoder_pred.weight.detach().clone()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, str(tmp_path / "mae_visualize.pth"), classifier=False)
+    own = model.state_dict()
+    for key in ("blocks.5.mlp.fc2.weight", "decoder_blocks.1.attn.qkv.weight", "decoder_embed.weight", "mask_token"):
+        assert torch.equal(own[key], source[key]), key
+    w = source["patch_embed.proj.weight"]
+    torch.testing.assert_close(own["patch_embed.proj.weight"], w[:, 0:1] + w[:, 1:2] + w[:, 2:3])
+    for key in ("pos_embed", "decoder_pos_embed"):
+        assert own[key].shape[1] == 1 + 12 * 12
+        torch.testing.assert_close(own[key][:, 1:], source[key][:, 1:2].expand(-1, 144, -1), rtol=0, atol=1e-5)
+        assert torch.equal(own[key][:, :1], source[key][:, :1])
+    assert torch.equal(own["decoder_pred.weight"], fresh_pred)  # (p*p*1, Dd) vs the checkpoint's (p*p*3, Dd)
+    assert not any("holds no decoder" in r.getMessage() for r in caplog.records)
+
+
+def test_mae_continued_pretraining_from_an_encoder_only_checkpoint(tmp_path: Path, caplog) -> None:
+    """``mae_pretrain_vit_*.pth``-style (no decoder, no mask token): the encoder loads, the decoder keeps its
+    initialisation, and a log line says so; main_pretrain.py takes it with --finetune."""
+    torch.manual_seed(0)
+    source = {k: v for k, v in build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict().items()
+              if not k.startswith(("decoder", "mask_token"))}  # fmt: skip
+    torch.save({"model": source}, tmp_path / "mae_pretrain.pth")
+    torch.manual_seed(1)
+    model = build_pretrain_model("mae_vit_tiny_patch4", 32)
+    decoder = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("decoder")}
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, str(tmp_path / "mae_pretrain.pth"), classifier=False)
+    assert any("holds no decoder" in r.getMessage() for r in caplog.records)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in decoder.items())
+    assert all(torch.equal(own[k], v) for k, v in source.items())
+
+    grey_images(tmp_path / "data", 8)
+    flags = {**pretrain_flags(tmp_path / "data", tmp_path / "out"), "finetune": tmp_path / "mae_pretrain.pth"}
+    stats = main_pretrain.main(parse(main_pretrain.get_args_parser(), **flags))  # grey PNGs read as RGB (3 channels)
+    assert np.isfinite(stats["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ visualize.py
+
+
+def test_visualize_a_one_channel_checkpoint_with_its_statistics(tmp_path: Path) -> None:
+    """The panels of a grey-scale model show the original as its pixels: normalised with the checkpoint's
+    statistics and back."""
+    import visualize
+
+    torch.manual_seed(0)
+    model = build_pretrain_model("mae_vit_tiny_patch4", 32, in_chans=1)
+    saved = {"in_chans": 1, "input_size": 32}
+    torch.save({"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4", "args": saved,
+                "data_stats": {"mean": [0.4], "std": [0.2]}}, tmp_path / "grey.pth")  # fmt: skip
+    (path,) = grey_images(tmp_path / "imgs", 1, size=32)
+    args = visualize.get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(tmp_path / "grey.pth"),
+            "--images",
+            str(path),
+            str(path),
+            "--output_dir",
+            str(tmp_path / "vis"),
+            "--scale",
+            "1",
+        ]
+    )
+    (first, _) = visualize.main(args)
+    panel = np.asarray(Image.open(first).convert("L"))
+    top = visualize.TITLE_HEIGHT + visualize.GAP
+    original = panel[top : top + 32, visualize.GAP : visualize.GAP + 32]
+    assert np.abs(original.astype(int) - np.asarray(Image.open(path)).astype(int)).max() <= 1
