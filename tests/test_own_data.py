@@ -82,6 +82,16 @@ def test_one_line_errors_for_empty_folders_missing_listed_files_and_paths(tmp_pa
         pretrain_dataset(str(tmp_path / "nowhere"), None)
 
 
+def test_a_folder_where_no_image_can_be_read_is_a_one_line_error_also_when_skipping(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"{i}.png").write_bytes(b"not a png")
+    args = parse(main_pretrain.get_args_parser(), batch_size=2, num_workers=0, seed=0, skip_bad_images=True)
+    loader = train_loader(pretrain_dataset(str(tmp_path / "data"), pretrain_transform(32)), args, torch.device("cpu"))
+    with pytest.raises(BadImageError, match=r"data: no readable image \(4 unreadable files in this pass\)"):
+        list(loader)
+
+
 def test_grey_16bit_and_npy_files_are_read_as_their_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
