@@ -388,3 +388,27 @@ def test_visualize_a_one_channel_checkpoint_with_its_statistics(tmp_path: Path) 
     top = visualize.TITLE_HEIGHT + visualize.GAP
     original = panel[top : top + 32, visualize.GAP : visualize.GAP + 32]
     assert np.abs(original.astype(int) - np.asarray(Image.open(path)).astype(int)).max() <= 1
+
+
+def test_mixmim_with_n_channels_patchifies_and_adapts_a_3_channel_checkpoint(tmp_path: Path) -> None:
+    """MixMIM's targets are the (S, S, C) pixels of each stride-S cell, C the model's channels; a 3-channel
+    MixMIM checkpoint fine-tunes on 1 channel with the RGB patch-embedding weights summed."""
+    torch.manual_seed(0)
+    model = build_pretrain_model("mixmim_tiny", 64, in_chans=5)
+    S = model.encoder_stride
+    imgs = torch.randn(2, 5, 64, 64)
+    patches = model.patchify(imgs)
+    g = 64 // S
+    assert patches.shape == (2, g * g, S * S * 5)
+    i, j = 1, 2
+    expected = imgs[:, :, i * S : (i + 1) * S, j * S : (j + 1) * S].permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.equal(patches[:, i * g + j], expected)
+    assert torch.equal(model.unpatchify(patches), imgs)
+    assert torch.isfinite(model(imgs, mask_ratio=0.5)[0])
+
+    rgb = build_pretrain_model("mixmim_tiny", 64).state_dict()
+    torch.save({"model": rgb}, tmp_path / "mixmim.pth")
+    classifier = build_classifier("mixmim_tiny_ft", 64, 10, 0.0, in_chans=1)
+    load_pretrained(classifier, str(tmp_path / "mixmim.pth"))
+    w = rgb["patch_embed.proj.weight"]
+    torch.testing.assert_close(classifier.patch_embed.proj.weight.detach(), w.sum(1, keepdim=True))
