@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 import util.lr_sched as lr_sched
 from util import faults
 from util.amp import autocast
-from util.datasets import normalize_on_device
+from util.datasets import data_stats_of, normalize_on_device
 from util.dist import get_world_size, maybe_no_sync
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
@@ -60,7 +60,8 @@ def train_one_epoch(
         if step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
         lr = optimizer.param_groups[0]["lr"]
-        samples = normalize_on_device(samples.to(device, non_blocking=True))  # uint8 from main_pretrain's loader
+        # uint8 from main_pretrain's loader (3 channels), normalised with the run's statistics
+        samples = normalize_on_device(samples.to(device, non_blocking=True), *data_stats_of(args))
         update = (step + 1) % accum_iter == 0
 
         with maybe_no_sync(model, sync=update):

@@ -7,6 +7,7 @@
 
 import argparse
 import logging
+import os
 
 from torch.utils.data import Dataset
 
@@ -14,7 +15,8 @@ from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
-from util.datasets import build_dataset, check_num_classes, train_loader, val_loader
+from util.data_stats import add_data_args, check_data_args, resolve_data_stats
+from util.datasets import build_dataset, check_num_classes, finetune_transform, image_folder, train_loader, val_loader
 from util.dist import wrap_ddp
 from util.mixup import build_criterion, build_mixup
 from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
@@ -177,6 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(checkpoint-last.pth is written every epoch)",
     )
 
+    add_data_args(parser)
     add_runtime_args(parser, port=29530)
     return parser
 
@@ -191,7 +194,8 @@ def resolve_args(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace) -> None:
     resolve_args(args)
     validate_common_args(args)
-    check_buildable(args.model_name, args.input_size)
+    check_data_args(args)
+    check_buildable(args.model_name, args.input_size, args.in_chans)
 
 
 def main(
@@ -206,19 +210,23 @@ def main(
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates a randomly initialised model")
 
+    built_train = dataset_train is None and not args.eval
+    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
+    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
+    if built_train:
+        dataset_train.transform = finetune_transform(args)
     if dataset_val is None:
         dataset_val = build_dataset(is_train=False, args=args)
     check_num_classes(dataset_val, args.nb_classes)
     data_loader_val = val_loader(dataset_val, args, device)
     if not args.eval:
-        if dataset_train is None:
-            dataset_train = build_dataset(is_train=True, args=args)
         check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
     mixup_fn = build_mixup(args)
 
     model = build_classifier(
-        args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool, device
+        args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool, device, args.in_chans
     )
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=2e-5)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from util.amp import resolve_amp
 from util.checkpoint import load_checkpoint_file, load_pretrained_state, state_dict_of
 from util.cli import add_runtime_args, log_args, run_cli
+from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.datasets import eval_transform, image_folder
 from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.errors import UsageError
@@ -58,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--num_workers", default=10, type=int)
+    add_data_args(parser)
     add_runtime_args(parser, port=29532)
     return parser
 
@@ -74,7 +76,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.finetune and not os.path.isfile(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist")
     args.model_name = resolve_classifier_name(args.model)
-    check_buildable(args.model_name, args.input_size)
+    check_data_args(args)
+    check_buildable(args.model_name, args.input_size, args.in_chans)
     for path, flag in ((args.output_dir, "--output_dir"), (args.save_features, "--save_features")):
         check_output_dir(path, flag)
 
@@ -85,7 +88,7 @@ def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
     global_pool = args.global_pool
     if global_pool is None:  # a global-pool fine-tuned checkpoint has fc_norm instead of the final norm
         global_pool = "fc_norm.weight" in state and "norm.weight" not in state
-    model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device)
+    model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device, args.in_chans)
     if args.finetune:
         load_pretrained_state(model, state, args.finetune, head_init_std=None)
     layers = len(model.feature_info)  # ViT: its blocks, MixMIM: its stages
@@ -105,11 +108,15 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
     log_args(args)
     seed_everything(args.seed + get_rank())  # the random initialisation, when there is no checkpoint
 
-    transform = eval_transform(args.input_size)
-    if dataset_train is None:
-        dataset_train = image_folder(os.path.join(args.data_path, "train"), transform)
+    built_train = dataset_train is None
+    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
+    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
+    transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
+    if built_train:
+        dataset_train.transform = transform
     if dataset_val is None:
-        dataset_val = image_folder(os.path.join(args.data_path, "val"), transform)
+        dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)
     model = build_encoder(args, device)
 
     start = time.time()

@@ -18,6 +18,7 @@ from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
+from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
 from util.dist import wrap_ddp
 from util.models import add_probe_head, build_classifier, check_buildable, compile_model, resolve_classifier_name
@@ -122,6 +123,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "epoch); checkpoint-last.pth is written every epoch",
     )
 
+    add_data_args(parser)
     add_runtime_args(parser, port=29531)
     return parser
 
@@ -129,7 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     validate_common_args(args)
     args.model_name = resolve_classifier_name(args.model)
-    check_buildable(args.model_name, args.input_size)
+    check_data_args(args)
+    check_buildable(args.model_name, args.input_size, args.in_chans)
 
 
 def main(
@@ -141,18 +144,25 @@ def main(
     ``--data_path`` (their images go to the model as they are: normalised float tensors).
     """
     device = start_run(args, check_args, writes=not args.eval)
+    built_train = dataset_train is None and not args.eval
+    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
+    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
+    if built_train:
+        dataset_train.transform = linprobe_transform(args.input_size, args.in_chans, args.mean, args.std)
     if dataset_val is None:
-        dataset_val = image_folder(os.path.join(args.data_path, "val"), eval_transform(args.input_size))
+        transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
+        dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)
     check_num_classes(dataset_val, args.nb_classes)
     data_loader_val = val_loader(dataset_val, args, device)
     data_loader_train = None
     if not args.eval:
-        if dataset_train is None:
-            dataset_train = image_folder(os.path.join(args.data_path, "train"), linprobe_transform(args.input_size))
         check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
 
-    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool, device)
+    model = build_classifier(
+        args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool, device, args.in_chans
+    )
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)

@@ -1,4 +1,5 @@
-"""Masked-image-modeling pretraining: MAE (``mae_vit_*``) and MixMIM (``mixmim_*``) on an ImageFolder.
+"""Masked-image-modeling pretraining: MAE (``mae_vit_*``) and MixMIM (``mixmim_*``) on an ImageFolder, a folder of
+unlabelled images, or a list of image files (``--data_path``), of any channel count (``--in_chans``).
 
 Single process:   python main_pretrain.py --model mae_vit_base_patch16 --data_path /imagenet ...
 One node:         torchrun --nproc_per_node=8 main_pretrain.py ...
@@ -16,7 +17,8 @@ from engine_pretrain import fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
-from util.datasets import eval_transform, image_folder, pretrain_transform, train_loader
+from util.data_stats import add_data_args, check_data_args, resolve_data_stats
+from util.datasets import eval_transform, image_folder, pretrain_dataset, pretrain_transform, train_loader
 from util.dist import wrap_ddp
 from util.errors import UsageError
 from util.knn import PretrainingKNN
@@ -58,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="Name of model to train (mae_vit_* or mixmim_*)",
     )
-    parser.add_argument("--input_size", default=224, type=int, help="images input size")
+    parser.add_argument("--input_size", default=224, type=int, nargs="+", metavar="SIZE",
+                        help="images input size: one side, or H W (MAE only) for non-square images")  # fmt: skip
     parser.add_argument(
         "--mask_ratio",
         default=None,
@@ -94,7 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data_path",
         default="/datasets01/imagenet_full_size/061417/",
         type=str,
-        help="dataset path (an ImageFolder with train/)",
+        help="dataset path: an ImageFolder with train/, a folder of images at any depth, or a text file listing "
+        "image paths (one per line, relative to the file's folder)",
     )
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
     parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
@@ -105,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", default="", help="resume from checkpoint: a path, or 'auto' for the newest one in output_dir"
     )
-    parser.add_argument("--finetune", default="", help="initialise from (part of) a checkpoint (MixMIM)")
+    parser.add_argument("--finetune", default="", help="initialise from (part of) a pretraining checkpoint: continued "
+                        "pretraining (an encoder-only one leaves the decoder as initialised)")  # fmt: skip
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument(
@@ -132,13 +137,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "--data_path)")  # fmt: skip
     knn.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
 
+    add_data_args(parser)
     add_runtime_args(parser, port=29529)
     return parser
 
 
 def resolve_args(args: argparse.Namespace) -> None:
-    """The registered model name, and the model family's official defaults for the flags left unset."""
+    """The registered model name, the input size (an int for a square, else [H, W]), and the model family's
+    official defaults for the flags left unset."""
     args.model_name = resolve_pretrain_name(args.model)
+    sizes = [args.input_size] if isinstance(args.input_size, int) else list(args.input_size)
+    if len(sizes) not in (1, 2):
+        raise UsageError(f"--input_size takes one side or H W, got {len(sizes)} values")
+    args.input_size = sizes[0] if len(set(sizes)) == 1 else sizes
     defaults = family_defaults(args.model_name)
     if args.mask_ratio is None:
         args.mask_ratio = defaults.mask_ratio
@@ -157,7 +168,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
         raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
-    check_buildable(args.model_name, args.input_size)
+    if args.knn_freq and not isinstance(args.input_size, int):
+        raise UsageError("--knn_freq needs a square --input_size (the classifier it evaluates takes square images)")
+    check_data_args(args)
+    check_buildable(args.model_name, args.input_size, args.in_chans)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -168,17 +182,22 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict[str, float]:
     """Pretrain as the arguments say; returns the last epoch's training averages.
 
-    ``dataset_train``: images (and ignored labels) to pretrain on instead of the ImageFolder at
-    ``--data_path/train``; uint8 (C, H, W) images are normalised on the device, float ones are taken as they are.
+    ``dataset_train``: images (and ignored labels) to pretrain on instead of those of ``--data_path``; uint8
+    (C, H, W) images are normalised on the device, float ones are taken as they are.
     """
     device = start_run(args, check_args)
-    if dataset_train is None:  # uint8 images, normalised on the device by the engine
-        dataset_train = image_folder(
-            f"{args.data_path.rstrip('/')}/train", pretrain_transform(args.input_size, normalize=False)
-        )
+    if dataset_train is None:
+        dataset_train = pretrain_dataset(args.data_path.rstrip("/"), None, args.in_chans)
+        args.mean, args.std = resolve_data_stats(args, dataset_train)  # --data_stats auto reads the raw images
+        # 3 channels: uint8 images, normalised on the device by the engine; others: float, normalised here
+        dataset_train.transform = pretrain_transform(args.input_size, False, args.in_chans, args.mean, args.std)
+    else:
+        args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
     data_loader_train = train_loader(dataset_train, args, device)
 
-    model = build_pretrain_model(args.model_name, args.input_size, device, norm_pix_loss=args.norm_pix_loss)
+    model = build_pretrain_model(
+        args.model_name, args.input_size, device, norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans
+    )
     if args.finetune:
         load_pretrained(model, args.finetune, classifier=False)
     model.to(device)
@@ -197,10 +216,10 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
     knn = None
     if args.knn_freq:  # labelled images with the evaluation transform; the weights are copied at each evaluation
         root = args.knn_data_path or args.data_path
-        transform = eval_transform(args.input_size)
-        knn_sets = [image_folder(os.path.join(root, split), transform) for split in ("train", "val")]
+        transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
+        knn_sets = [image_folder(os.path.join(root, split), transform, args.in_chans) for split in ("train", "val")]
         knn = PretrainingKNN(args.model_name, args.input_size, *knn_sets, args.nb_knn, args.batch_size, device,
-                             args.amp, args.num_workers)  # fmt: skip
+                             args.amp, args.num_workers, args.in_chans)  # fmt: skip
 
     log_writer = open_outputs(args)
     return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position, knn)

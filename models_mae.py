@@ -6,8 +6,8 @@ shapes are those of the official model, so the official ``mae_visualize_vit_*.pt
 
 Shape legend:
     N  batch size
-    C  image channels (3)
-    H, W  image height and width
+    C  image channels (``in_chans``; 3 in the official code, which hard-codes it in patchify / unpatchify)
+    H, W  image height and width (square in the official code; here any multiple of p, e.g. --input_size 64 128)
     p  patch size
     L  number of patches, (H / p) * (W / p)
     K  number of visible (kept) patches, int(L * (1 - mask_ratio))
@@ -93,12 +93,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        grid_size = self.patch_embed.grid_size
-        if grid_size[0] != grid_size[1]:
-            raise ValueError(f"MAE needs a square patch grid, got {grid_size}")
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size[0], cls_token=True)
+        grid_size = tuple(self.patch_embed.grid_size)  # (H / p, W / p)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size, cls_token=True)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-        dec_pos_embed = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid_size[0], cls_token=True)
+        dec_pos_embed = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid_size, cls_token=True)
         self.decoder_pos_embed.data.copy_(torch.from_numpy(dec_pos_embed).float().unsqueeze(0))
 
         # initialise patch_embed like nn.Linear (instead of nn.Conv2d)
@@ -116,20 +114,25 @@ class MaskedAutoencoderViT(nn.Module):
         """(N, C, H, W) images -> (N, L, p*p*C) patches, each patch flattened as (p, p, C)."""
         p = self.patch_embed.patch_size[0]
         N, C, H, W = imgs.shape
-        if H != W or H % p != 0:
-            raise ValueError(f"patchify needs square images with sides divisible by {p}, got {H}x{W}")
-        h = w = H // p
+        if H % p != 0 or W % p != 0:
+            raise ValueError(f"patchify needs images with sides divisible by {p}, got {H}x{W}")
+        h, w = H // p, W // p
         x = imgs.reshape(N, C, h, p, w, p)
         x = torch.einsum("nchpwq->nhwpqc", x)  # (N, h, w, p, p, C)
         return x.reshape(N, h * w, p * p * C)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, L, p*p*C) patches -> (N, C, H, W) images; the inverse of ``patchify``."""
+        """(N, L, p*p*C) patches -> (N, C, H, W) images; the inverse of ``patchify``. The model's grid when L is
+        its number of patches, else a square one; C from the width (a mask, (N, L, p*p), gives one channel)."""
         p = self.patch_embed.patch_size[0]
         N, L, _ = x.shape
-        h = w = int(L**0.5)
+        h, w = self.patch_embed.grid_size
         if h * w != L:
-            raise ValueError(f"unpatchify needs a square number of patches, got {L}")
+            h = w = int(L**0.5)
+            if h * w != L:
+                raise ValueError(
+                    f"unpatchify needs the model's {self.patch_embed.grid_size} grid or a square one, got {L} patches"
+                )
         C = x.shape[-1] // (p * p)
         x = x.reshape(N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)

@@ -7,6 +7,9 @@ official ones that hold the decoder (``mae_visualize_vit_*.pth``; MixMIM pretrai
     python visualize.py --checkpoint output_demo/pretrain/checkpoint-last.pth          # Fashion-MNIST test images
     python visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 --images fox.jpg
 
+Images of another channel count than 3 (``--in_chans`` of the checkpoint's run) are normalised with the checkpoint's
+``data_stats`` (or ``--mean`` / ``--std``) and shown as grey-scale, their first channel.
+
 MAE masks each image on its own; masked patches are shown grey (zero after normalisation), as in the notebook.
 MixMIM masks with one mask per batch and fills each image's masked cells with those of its partner (the batch in
 reverse order), so it needs at least two images; the reconstruction puts each cell's prediction back in place, from
@@ -25,6 +28,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
 from util.checkpoint import load_checkpoint_file, load_model_strict, state_dict_of
+from util.datasets import load_tensor
 from util.errors import UsageError
 from util.fashion_mnist import (
     DEFAULT_DATA_PATH,
@@ -60,7 +64,7 @@ def _denorm_patches(model: nn.Module, imgs: torch.Tensor, pred: torch.Tensor) ->
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None = None) -> dict[str, torch.Tensor]:
-    """Run a pretraining model on normalised images (N, 3, H, W); returns normalised (N, 3, H, W) images.
+    """Run a pretraining model on normalised images (N, C, H, W); returns normalised (N, C, H, W) images.
 
     Keys: ``original``, ``masked`` (MAE: masked patches zeroed; MixMIM: the mixed input), ``reconstruction``,
     ``pasted`` (the visible patches of the original, the reconstruction elsewhere) and ``mask`` (N, 1, H, W),
@@ -79,7 +83,7 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None =
         _, pred, mask = model(imgs, mask_ratio=0.75 if mask_ratio is None else mask_ratio)  # (N, L, P), (N, L)
         pred = _denorm_patches(model, imgs, pred)
         mask = mask.unsqueeze(-1)  # (N, L, 1)
-    recon = model.unpatchify(pred)  # (N, 3, H, W)
+    recon = model.unpatchify(pred)  # (N, C, H, W)
     mask = model.unpatchify(mask.expand(-1, -1, pred.shape[-1] // imgs.shape[1]))  # (N, 1, H, W), 1 is hidden
     if is_mixmim(model):
         masked = imgs * (1 - mask) + imgs.flip(0) * mask  # the encoder's mixed input
@@ -94,9 +98,18 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None =
     }
 
 
-def to_pil(img: torch.Tensor, scale: int = 1) -> Image.Image:
-    """A normalised (3, H, W) image -> an RGB PIL image, upscaled ``scale`` times (nearest neighbour)."""
-    rgb = (denormalize(img.detach().float().cpu()) * 255).round().to(torch.uint8)  # (3, H, W)
+def to_pil(img: torch.Tensor, scale: int = 1, stats: tuple | None = None) -> Image.Image:
+    """A normalised (C, H, W) image -> an RGB PIL image, upscaled ``scale`` times (nearest neighbour). ``stats``:
+    the (mean, std) it was normalised with (default ImageNet's); other channel counts than 3 show channel 0 in grey."""
+    img = img.detach().float().cpu()
+    if stats is None:
+        pixels = denormalize(img)
+    else:
+        mean, std = (torch.tensor(v).view(-1, 1, 1) for v in stats)
+        pixels = (img * std + mean).clamp(0, 1)
+    if pixels.shape[0] != 3:
+        pixels = pixels[:1].expand(3, -1, -1)  # (3, H, W) grey
+    rgb = (pixels * 255).round().to(torch.uint8)  # (3, H, W)
     pil = Image.fromarray(rgb.permute(1, 2, 0).numpy(), mode="RGB")
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale != 1 else pil
 
@@ -106,9 +119,11 @@ def panel_size(height: int, width: int, scale: int = 1, columns: int = 4) -> tup
     return columns * width * scale + (columns + 1) * GAP, TITLE_HEIGHT + height * scale + 2 * GAP
 
 
-def make_panel(images: list[torch.Tensor], titles: tuple[str, ...], scale: int = 1) -> Image.Image:
-    """Normalised (3, H, W) images side by side on white, each under its title."""
-    tiles = [to_pil(img, scale) for img in images]
+def make_panel(
+    images: list[torch.Tensor], titles: tuple[str, ...], scale: int = 1, stats: tuple | None = None
+) -> Image.Image:
+    """Normalised (C, H, W) images side by side on white, each under its title (``stats``: as ``to_pil``)."""
+    tiles = [to_pil(img, scale, stats) for img in images]
     w, h = tiles[0].size
     canvas = Image.new("RGB", panel_size(h, w, 1, len(tiles)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -136,11 +151,13 @@ def save_reconstructions(
     seed: int = 2,
     scale: int | None = None,
     prefix: str = "reconstruction",
+    stats: tuple | None = None,
 ) -> list[Path]:
     """One PNG per image (``{prefix}_{i}.png``) and all of them stacked (``{prefix}s.png``); returns the paths.
 
-    imgs: (N, 3, H, W) normalised images, on the model's device. The masks are drawn after seeding torch and Python
-    ``random`` with ``seed`` (the notebook uses ``torch.manual_seed(2)``); the global RNG states are restored after.
+    imgs: (N, C, H, W) images normalised with ``stats`` ((mean, std); default ImageNet's), on the model's device.
+    The masks are drawn after seeding torch and Python ``random`` with ``seed`` (the notebook uses
+    ``torch.manual_seed(2)``); the global RNG states are restored after.
     """
     import random
 
@@ -161,7 +178,9 @@ def save_reconstructions(
     titles = MIXMIM_TITLES if is_mixmim(model) else TITLES
     paths, panels = [], []
     for i in range(imgs.shape[0]):
-        panel = make_panel([out[k][i] for k in ("original", "masked", "reconstruction", "pasted")], titles, scale)
+        panel = make_panel(
+            [out[k][i] for k in ("original", "masked", "reconstruction", "pasted")], titles, scale, stats
+        )
         path = output_dir / f"{prefix}_{i}.png"
         panel.save(path)
         paths.append(path)
@@ -200,35 +219,64 @@ def load_pretrain_checkpoint(
     npl = norm_pix_loss if norm_pix_loss is not None else saved.get("norm_pix_loss")
     if npl is not None:
         kwargs["norm_pix_loss"] = bool(npl)
+    kwargs["in_chans"] = int(saved.get("in_chans") or 3)
     size = input_size or saved.get("input_size")
     if size is None:  # the model's own default size
         import timm
 
         size = model_input_size(timm.create_model(model_name, **kwargs))
-    model = build_pretrain_model(model_name, int(size), torch.device(device), **kwargs)
+    size = int(size) if isinstance(size, int | float | str) else tuple(int(v) for v in size)  # a side, or [H, W]
+    model = build_pretrain_model(model_name, size, torch.device(device), **kwargs)
     load_model_strict(model, state_dict_of(checkpoint), path)
-    logger.info("loaded %s (%s, %dx%d, norm_pix_loss=%s)", path, model_name, size, size, model.norm_pix_loss)
+    model.data_stats = checkpoint.get("data_stats")  # the statistics it was trained with (ours), or None
+    logger.info("loaded %s (%s, %s, %d channels, norm_pix_loss=%s)", path, model_name, size, kwargs["in_chans"],
+                model.norm_pix_loss)  # fmt: skip
     return model
 
 
+def model_stats(model: nn.Module, mean: list[float] | None, std: list[float] | None) -> tuple[list, list]:
+    """(mean, std) to normalise the images with: the flags, else the checkpoint's, else ImageNet's (3 channels)."""
+    chans = model.patch_embed.proj.weight.shape[1]
+    if mean is not None and std is not None:
+        stats = (list(mean), list(std))
+    elif getattr(model, "data_stats", None):
+        stats = (model.data_stats["mean"], model.data_stats["std"])
+    elif chans == 3:
+        stats = (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    else:
+        raise UsageError(f"the checkpoint holds no data statistics for its {chans} channels: pass --mean and --std")
+    if len(stats[0]) != chans or len(stats[1]) != chans:
+        raise UsageError(f"--mean and --std need {chans} values each (the model's channels)")
+    return stats
+
+
 def model_input_size(model: nn.Module) -> int:
-    """The image side a pretraining model was built for."""
+    """The image side a pretraining model was built for (the height of a non-square MAE)."""
     size = getattr(model, "img_size", None) or model.patch_embed.img_size
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """Image files -> (N, 3, size, size) normalised, resized as the notebook (straight to size x size, bicubic)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def load_images(
+    paths: list[str], size: int | tuple[int, int], in_chans: int = 3, stats: tuple | None = None
+) -> torch.Tensor:
+    """Image files -> (N, C, H, W) normalised (``stats``: (mean, std), default ImageNet's), resized as the notebook
+    (straight to H x W, bicubic). 3 channels: PIL RGB; others: ``util.datasets.load_tensor`` (``.npy`` too)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    mean, std = stats or (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     imgs = []
     for p in paths:
         try:
-            img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
-        except OSError as e:
+            if in_chans == 3:
+                img = Image.open(p).convert("RGB").resize((w, h), Image.BICUBIC)
+                x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+                x = x.permute(2, 0, 1).float() / 255  # (3, H, W)
+            else:
+                x = load_tensor(p, in_chans)
+                x = torch.nn.functional.interpolate(x[None], size=(h, w), mode="bicubic", align_corners=False)[0]
+        except (OSError, ValueError) as e:
             raise UsageError(f"cannot read image {p}: {e}") from e
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        imgs.append((x.permute(2, 0, 1).float() / 255 - mean) / std)  # (3, size, size)
+        imgs.append((x - mean) / std)  # (C, H, W)
     return torch.stack(imgs)
 
 
@@ -258,19 +306,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", default=None, type=int, help="upscaling of the panels (default: to ~128 px)")
     parser.add_argument("--output_dir", default="./output_dir/visualize")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mean", default=None, type=float, nargs="+", help="per-channel mean (default: the "
+                        "checkpoint's data_stats, else ImageNet's)")  # fmt: skip
+    parser.add_argument("--std", default=None, type=float, nargs="+", help="per-channel std (as --mean)")
     return parser
 
 
 def main(args: argparse.Namespace) -> list[Path]:
     model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, args.device)
-    size = model_input_size(model)
+    size = tuple(model.patch_embed.img_size)  # (H, W)
+    in_chans = model.patch_embed.proj.weight.shape[1]
+    stats = model_stats(model, args.mean, args.std)
     if args.images:
-        imgs = load_images(args.images, size)
+        imgs = load_images(args.images, size, in_chans, stats)
+    elif in_chans in (1, 3):  # Fashion-MNIST is grey: one channel, or repeated to three as in the demo
+        imgs = fashion_mnist_images(args.data_path, args.num_images, size[0])  # ImageNet-normalised (N, 3, S, S)
+        if in_chans != 3 or stats != (list(IMAGENET_MEAN), list(IMAGENET_STD)) or size[0] != size[1]:
+            mean, std = (torch.tensor(v).view(-1, 1, 1) for v in stats)
+            pixels = torch.nn.functional.interpolate(denormalize(imgs)[:, :in_chans], size=size, mode="bicubic")
+            imgs = (pixels - mean) / std
     else:
-        imgs = fashion_mnist_images(args.data_path, args.num_images, size)
+        raise UsageError(f"the model takes {in_chans} channels: pass --images (files with {in_chans} channels)")
     device = torch.device(args.device)
     model.to(device)
-    return save_reconstructions(model, imgs.to(device), args.output_dir, args.mask_ratio, args.seed, args.scale)
+    return save_reconstructions(model, imgs.to(device), args.output_dir, args.mask_ratio, args.seed, args.scale,
+                                stats=stats)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -187,3 +187,19 @@ def test_autocast_close_to_fp32(dtype):
     assert loss_lp.item() == pytest.approx(loss32.item(), rel=0.05)
     loss_lp.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_patchify_of_non_square_and_n_channel_images_follows_the_patch_layout():
+    """Patch (i, j) of an (N, C, H, W) image is the pixels [i*p:(i+1)*p, j*p:(j+1)*p] flattened as (p, p, C), row-major
+    over the (H/p, W/p) grid; unpatchify inverts it with the model's grid."""
+    model = models_mae.mae_vit_tiny_patch4(img_size=(16, 24), in_chans=5)
+    imgs = torch.randn(2, 5, 16, 24)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, 4 * 6, 4 * 4 * 5)
+    for i in range(4):
+        for j in range(6):
+            expected = imgs[:, :, i * 4 : (i + 1) * 4, j * 4 : (j + 1) * 4].permute(0, 2, 3, 1).reshape(2, -1)
+            assert torch.equal(patches[:, i * 6 + j], expected)
+    assert torch.equal(model.unpatchify(patches), imgs)
+    loss, pred, mask = model(imgs, mask_ratio=0.75)
+    assert pred.shape == patches.shape and mask.shape == (2, 24) and torch.isfinite(loss)

@@ -84,3 +84,23 @@ def test_interpolate_keeps_rows_as_rows():
     torch.testing.assert_close(new[..., 1], new[:1, :, 1].expand(new_size, new_size))
     assert (new[1:, 0, 0] > new[:-1, 0, 0]).all() and (new[0, 1:, 1] > new[0, :-1, 1]).all()
     assert ckpt["pos_embed"][0, 0].tolist() == [-7.0, -7.0]
+
+
+def test_rectangular_sincos_equals_the_square_one_and_the_formula():
+    """(Gh, Gw) = (8, 8) gives the official square numbers; for (3, 5) the token of row r, column c holds
+    sin/cos(c * w_i) in the first half and sin/cos(r * w_i) in the second, w_i = 10000^(-i / (D/4))."""
+    np.testing.assert_array_equal(
+        get_2d_sincos_pos_embed(64, (8, 8), cls_token=True), get_2d_sincos_pos_embed(64, 8, True)
+    )
+    pe = get_2d_sincos_pos_embed(64, (8, 8), cls_token=True)
+    np.testing.assert_allclose(pe[9, :16], GOLDEN["row9"], rtol=1e-12)
+    np.testing.assert_allclose(pe[63, 40:56], GOLDEN["row63"], rtol=1e-12)
+
+    D = 16
+    pe = get_2d_sincos_pos_embed(D, (3, 5))
+    assert pe.shape == (15, D)
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    for r in range(3):
+        for c in range(5):
+            expected = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
+            np.testing.assert_allclose(pe[r * 5 + c], expected, rtol=1e-6, atol=1e-7)

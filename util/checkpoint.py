@@ -1,6 +1,7 @@
 """Checkpoints: atomic saves, ``--resume PATH|auto``, and ``--finetune`` loading of pretrained weights.
 
-A checkpoint is a plain dict, ``{"model", "optimizer", "scaler", "epoch", "args" (a dict), "model_name"}``, that
+A checkpoint is a plain dict, ``{"model", "optimizer", "scaler", "epoch", "args" (a dict), "model_name",
+"data_stats"}`` (``data_stats``: the per-channel ``mean`` and ``std`` lists the images were normalised with), that
 loads with ``torch.load(weights_only=True)``. Every write goes to a temporary file in the same folder that is
 renamed over the target, so a file named ``checkpoint-*.pth`` is always complete. Official checkpoints (which
 pickle an ``argparse.Namespace``) load too: that one class is allow-listed, nothing else.
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from timm.models import adapt_input_conv
 
 from util import faults, pos_embed
 from util.cli import args_to_dict
@@ -100,6 +102,8 @@ def save_checkpoint(
         "args": args_to_dict(args),
         "model_name": getattr(args, "model_name", args.model),
     }
+    if getattr(args, "mean", None) is not None:
+        state["data_stats"] = {"mean": list(args.mean), "std": list(args.std)}
     if position is not None:
         state.update(position)
     out = Path(args.output_dir)
@@ -268,11 +272,33 @@ def load_resume(
 
 
 def interpolate_pos_embed_any(model: nn.Module, state_dict: dict) -> None:
-    """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model``."""
+    """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model`` (an MAE's
+    decoder position embedding too)."""
     if family_of(model) == "mixmim":
         pos_embed.interpolate_pos_embed_mixmim(model, state_dict)
     else:
         pos_embed.interpolate_pos_embed(model, state_dict)
+        if hasattr(model, "decoder_pos_embed"):
+            pos_embed.interpolate_pos_embed(model, state_dict, key="decoder_pos_embed")
+
+
+PATCH_EMBED_WEIGHT = "patch_embed.proj.weight"  # (D, C, p, p) in both families
+
+
+def adapt_patch_embed(model: nn.Module, state_dict: dict, source: str) -> None:
+    """A checkpoint's patch embedding for another number of input channels, in place: timm's ``adapt_input_conv``
+    rule (from 3 to 1 channel: the sum over RGB; to N: RGB repeated over the N channels and scaled by 3 / N, so a
+    grey image repeated N times gives the output of the RGB original)."""
+    own = model.state_dict().get(PATCH_EMBED_WEIGHT)
+    weight = state_dict.get(PATCH_EMBED_WEIGHT)
+    if own is None or weight is None or weight.ndim != 4 or weight.shape[1] == own.shape[1]:
+        return
+    if weight.shape[1] != 3:
+        raise UsageError(f"{source}: {PATCH_EMBED_WEIGHT} takes {weight.shape[1]} channels, the model {own.shape[1]}; "
+                         "only a 3-channel patch embedding can be adapted")  # fmt: skip
+    logger.info("%s: patch embedding adapted from 3 to %d input channels (timm's adapt_input_conv)", source,
+                own.shape[1])  # fmt: skip
+    state_dict[PATCH_EMBED_WEIGHT] = adapt_input_conv(own.shape[1], weight)
 
 
 def _is_pretraining_only(key: str, model_keys: set[str]) -> bool:
@@ -289,9 +315,11 @@ def load_pretrained(
     """``--finetune``: load pretrained weights (ours or official) into ``model`` and return (missing, unexpected).
 
     For a classifier: a head of another shape is dropped and re-initialised (trunc normal, ``head_init_std``, as
-    official), position embeddings are interpolated, and the load fails with one line if a key other than the
+    official), position embeddings are interpolated, a 3-channel patch embedding is adapted to the model's input
+    channels (``adapt_patch_embed``), and the load fails with one line if a key other than the
     head / ``fc_norm`` / buffers is missing, or a key other than the decoder's is unexpected. For a pretraining
-    model (MixMIM's ``--finetune`` in pretraining) everything that fits is loaded and the rest reported.
+    model (``--finetune`` in pretraining: continued pretraining) the same adaptations are made, everything that
+    fits is loaded and the rest reported; a checkpoint without a decoder leaves the model's decoder as initialised.
     """
     return load_pretrained_state(model, state_dict_of(load_checkpoint_file(path)), path, head_init_std, classifier)
 
@@ -314,6 +342,7 @@ def load_pretrained_state(
             logger.info("Removing key %s from pretrained checkpoint", k)
             del state_dict[k]
     interpolate_pos_embed_any(model, state_dict)
+    adapt_patch_embed(model, state_dict, path)
 
     own_keys = set(own)
     buffers = {n for n, _ in model.named_buffers()}
@@ -327,6 +356,8 @@ def load_pretrained_state(
         for k in [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]:
             logger.warning("not loading %s: shape %s vs %s", k, tuple(state_dict[k].shape), tuple(own[k].shape))
             del state_dict[k]
+        if any(k.startswith("decoder") for k in own_keys) and not any(k.startswith("decoder") for k in state_dict):
+            logger.info("%s holds no decoder (an encoder-only checkpoint): the decoder starts from scratch", path)
 
     msg = model.load_state_dict(state_dict, strict=False)
     logger.info("missing keys: %s", msg.missing_keys)

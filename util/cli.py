@@ -82,7 +82,8 @@ def validate_common_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "accum_iter", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if getattr(args, "input_size", 1) < 1:
+    sizes = getattr(args, "input_size", 1)
+    if min([sizes] if isinstance(sizes, int) else sizes) < 1:  # a side, or [H, W] (MAE pretraining)
         raise UsageError(f"--input_size must be positive, got {args.input_size}")
     if getattr(args, "save_freq", 1) < 1:
         raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")

@@ -1,7 +1,13 @@
-"""ImageFolder datasets and the official transforms for pretraining, fine-tuning and linear probing.
+"""ImageFolder and unlabelled datasets, and the official transforms for pretraining, fine-tuning and linear probing.
 
-``data_path/train`` and ``data_path/val`` hold one subfolder per class. A missing or empty folder is a
-``UsageError`` naming it.
+``data_path/train`` and ``data_path/val`` hold one subfolder per class. Pretraining also takes unlabelled images
+(``image_files``): a folder of images at any depth, or a text file listing image paths. A missing or empty folder
+is a ``UsageError`` naming it.
+
+Channels (``in_chans``): with 3, images are read by PIL as RGB and transformed as the official code does. With any
+other count, each file is read as a float tensor (C, H, W) in [0, 1] (8-bit / 255, 16-bit / 65535; ``.npy`` arrays
+(H, W, C) or (H, W) of float as they are), and the crop, flip and resize act on tensors. An image with another
+channel count is an unreadable image naming the file.
 
 Unreadable files (corrupt, truncated, not images) do not raise inside DataLoader workers, where the error would
 reach the main process as a worker traceback: the dataset returns a ``BadImage`` marker, the collate function sets
@@ -15,15 +21,18 @@ import argparse
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 
 from util.crop import RandomResizedCrop
@@ -42,8 +51,49 @@ class BadImage(NamedTuple):
     reason: str
 
 
-class CheckedImageFolder(datasets.ImageFolder):
-    """``ImageFolder`` that returns ``(BadImage, target)`` for a file that cannot be read instead of raising.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".npy")  # the files an unlabelled folder is scanned for
+
+
+def load_tensor(path: str, in_chans: int) -> torch.Tensor:
+    """An image file (PIL) or ``.npy`` array -> float32 (C, H, W) in [0, 1]; ValueError for another channel count.
+
+    8-bit values are divided by 255, 16-bit (and PIL's 32-bit integer mode, which it uses for 16-bit PNGs) by
+    65535; float arrays are kept as they are.
+    """
+    if path.lower().endswith(".npy"):
+        a = np.load(path, allow_pickle=False)
+    else:
+        with Image.open(path) as img:
+            if img.mode in ("P", "PA", "1"):  # palette and bilevel images: their colours, not their indices
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+            a = np.array(img)  # a copy: torch wants a writable array
+    if a.ndim == 2:
+        a = a[:, :, None]  # (H, W, 1)
+    if a.ndim != 3:
+        raise ValueError(f"an array of shape {a.shape}, not (H, W) or (H, W, C)")
+    if a.shape[2] != in_chans:
+        raise ValueError(f"{a.shape[2]} channels, but --in_chans is {in_chans}")
+    if a.dtype == np.uint8:
+        scale = 255.0
+    elif np.issubdtype(a.dtype, np.integer):
+        scale = 65535.0
+    else:
+        scale = 1.0
+    x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()  # (C, H, W)
+    return x.div_(scale) if scale != 1.0 else x
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _tensor_loader(in_chans: int):
+    return functools.partial(load_tensor, in_chans=in_chans)
+
+
+class CheckedImages(torch.utils.data.Dataset):
+    """The item logic of this module's datasets (``samples``: (path, target) pairs, ``loader``, ``transform``):
+    ``(BadImage, target)`` for a file that cannot be read instead of raising.
 
     With ``augment_seed`` set (training loaders), each image's random augmentation is seeded from (seed, epoch,
     index): the same whichever rank or DataLoader worker loads it, so an epoch resumed at a step repeats the
@@ -52,9 +102,17 @@ class CheckedImageFolder(datasets.ImageFolder):
 
     augment_seed: int | None = None
     epoch = 0
+    in_chans = 3
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def raw(self, index: int) -> torch.Tensor:
+        """Image ``index`` before any transform, as float (C, H, W) in [0, 1] (``ToTensor``'s scaling)."""
+        path = self.samples[index][0]
+        if self.in_chans == 3:
+            return transforms.functional.to_tensor(self.loader(path))
+        return load_tensor(path, self.in_chans)
 
     def __getitem__(self, index: int) -> tuple:
         path, target = self.samples[index]
@@ -76,6 +134,32 @@ class CheckedImageFolder(datasets.ImageFolder):
         return sample, target
 
 
+class CheckedImageFolder(CheckedImages, datasets.ImageFolder):
+    """``ImageFolder`` with ``CheckedImages``' items; ``in_chans`` other than 3 reads files with ``load_tensor``."""
+
+    def __init__(self, root: str, transform=None, in_chans: int = 3):
+        if in_chans == 3:  # torchvision's loader and extensions, as official
+            super().__init__(root, transform=transform)
+        else:
+            super().__init__(root, transform=transform, loader=_tensor_loader(in_chans), is_valid_file=is_image_file)
+        self.in_chans = in_chans
+
+
+class ImageFiles(CheckedImages):
+    """Unlabelled images (target 0) at the given paths, read as ``CheckedImageFolder`` reads them."""
+
+    target_transform = None
+    classes: list[str] = []
+
+    def __init__(self, root: str, paths: Sequence[str], transform=None, in_chans: int = 3):
+        self.root, self.transform, self.in_chans = root, transform, in_chans
+        self.samples = [(p, 0) for p in paths]
+        self.loader = datasets.folder.default_loader if in_chans == 3 else _tensor_loader(in_chans)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """``DistributedSampler`` (this rank's shard of the epoch's seeded permutation) that can start at a position
     inside the epoch: ``set_start(i)`` skips the first ``i`` indices of the shard, for an epoch resumed at a step."""
@@ -93,14 +177,14 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 class CollateSkippingBad:
-    """Collate function for a ``CheckedImageFolder``: returns ``(images, targets, bad)``, ``bad`` a list of
+    """Collate function for ``CheckedImages``: returns ``(images, targets, bad)``, ``bad`` a list of
     ``(path, reason)``; ``images`` is None when no image of the batch could be read.
 
     With ``substitute``, each unreadable image is replaced by the next readable one in the dataset (searching at
     most ``max_tries`` files), so the batch keeps its size.
     """
 
-    def __init__(self, dataset: CheckedImageFolder, substitute: bool, max_tries: int = 64):
+    def __init__(self, dataset: CheckedImages, substitute: bool, max_tries: int = 64):
         self.dataset, self.substitute, self.max_tries = dataset, substitute, max_tries
 
     def __call__(self, items: list[tuple]) -> tuple:
@@ -122,7 +206,7 @@ class CollateSkippingBad:
 
 
 class CheckedLoader:
-    """Iterates a DataLoader over a ``CheckedImageFolder`` and yields ``(images, targets)``.
+    """Iterates a DataLoader over ``CheckedImages`` and yields ``(images, targets)``.
 
     Unreadable files: ``BadImageError`` at the first one, or with ``skip`` a warning the first time each file is
     met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass.
@@ -152,6 +236,7 @@ class CheckedLoader:
 
     def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         this_pass: set[str] = set()
+        yielded = False
         for images, targets, bad in batches:
             for path, reason in bad:
                 if not self.skip:
@@ -165,7 +250,10 @@ class CheckedLoader:
                 this_pass.add(path)
             if images is None:  # every image of the batch unreadable (and, in training, no readable one near)
                 continue
+            yielded = True
             yield images, targets
+        if this_pass and not yielded:
+            raise BadImageError(f"{self.what}: no readable image ({len(this_pass)} unreadable files in this pass)")
         self.skipped = len(this_pass)
         if this_pass:
             logger.warning(
@@ -184,64 +272,117 @@ def skipped_images(loader, device: torch.device | str = "cpu", sharded: bool = T
     return round(mean * get_world_size() if sharded else mean)
 
 
-def image_folder(root: str, transform) -> CheckedImageFolder:
+def image_folder(root: str, transform, in_chans: int = 3) -> CheckedImageFolder:
     """``ImageFolder(root)``, with a one-line error for a missing folder or one without images."""
     if not os.path.isdir(root):
         raise UsageError(f"data folder {root} does not exist (expected an ImageFolder: one subfolder per class)")
     try:
-        dataset = CheckedImageFolder(root, transform=transform)
+        dataset = CheckedImageFolder(root, transform=transform, in_chans=in_chans)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"data folder {root} holds no images in class subfolders: {e}") from e
     logger.info("%s: %d images, %d classes", root, len(dataset), len(dataset.classes))
     return dataset
 
 
-def pretrain_transform(input_size: int, normalize: bool = True) -> transforms.Compose:
-    """MAE/MixMIM pretraining: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ImageNet normalisation.
+def _listed_paths(list_file: str) -> list[str]:
+    """The paths a list file names, one per line, relative to its folder; blank lines and ``#`` comments skipped."""
+    folder = os.path.dirname(os.path.abspath(list_file))
+    with open(list_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    paths = [os.path.join(folder, line) for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UsageError(f"image list {list_file} names no files")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
+        raise UsageError(f"image list {list_file} names files that do not exist: {', '.join(missing[:3])}{more}")
+    return paths
 
-    With ``normalize=False`` the images stay uint8 (C, H, W): a quarter of the bytes to collate, pin and copy, and
-    ``normalize_on_device`` finishes the job on the device with the same arithmetic.
+
+def _scanned_paths(folder: str) -> list[str]:
+    """The image files under ``folder`` at any depth (symlinks followed, hidden entries skipped), sorted."""
+    paths = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [os.path.join(parent, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f)]
+    if not paths:
+        raise UsageError(f"data folder {folder} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def pretrain_dataset(data_path: str, transform, in_chans: int = 3) -> CheckedImages:
+    """The pretraining images of ``--data_path``: the ImageFolder ``data_path/train`` when there is one (labels
+    unused), else every image file under ``data_path`` at any depth, or, for a text file, the files it lists."""
+    if os.path.isfile(data_path):
+        dataset = ImageFiles(data_path, _listed_paths(data_path), transform, in_chans)
+    elif os.path.isdir(os.path.join(data_path, "train")):
+        return image_folder(os.path.join(data_path, "train"), transform, in_chans)
+    elif os.path.isdir(data_path):
+        dataset = ImageFiles(data_path, _scanned_paths(data_path), transform, in_chans)
+    else:
+        raise UsageError(f"--data_path {data_path} does not exist (a folder of images, an ImageFolder, or a list file)")
+    logger.info("%s: %d unlabelled images", data_path, len(dataset))
+    return dataset
+
+
+def pretrain_transform(
+    input_size: int | Sequence[int],
+    normalize: bool = True,
+    in_chans: int = 3,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
+    """MAE/MixMIM pretraining: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, normalisation by
+    ``mean`` / ``std``. ``input_size``: a side, or (H, W).
+
+    With ``normalize=False`` (3 channels) the images stay uint8 (C, H, W): a quarter of the bytes to collate, pin
+    and copy, and ``normalize_on_device`` finishes the job on the device with the same arithmetic. Other channel
+    counts: the same steps on the float tensors of ``load_tensor``, normalised here.
     """
     crop_flip = [
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
     ]
+    if in_chans != 3:
+        return transforms.Compose([*crop_flip, transforms.Normalize(mean=mean, std=std)])
     if not normalize:
         return transforms.Compose([*crop_flip, transforms.PILToTensor()])
-    return transforms.Compose(
-        [*crop_flip, transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)]
-    )
+    return transforms.Compose([*crop_flip, transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
 
 
-def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, C, H, W) -> float32 scaled to [0, 1] and ImageNet-normalised, as ``ToTensor`` +
-    ``Normalize`` do on the CPU (the same operations, so the same numbers). Float images are returned as they are."""
+def normalize_on_device(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float32 scaled to [0, 1] and normalised by ``mean`` / ``std`` (C values each),
+    as ``ToTensor`` + ``Normalize`` do on the CPU (the same operations, so the same numbers). Float images are
+    returned as they are."""
     if images.dtype != torch.uint8:
         return images
-    mean, std = _mean_std(images.device)
-    return images.float().div_(255).sub_(mean).div_(std)
+    mean_t, std_t = _mean_std(images.device, tuple(mean), tuple(std))
+    return images.float().div_(255).sub_(mean_t).div_(std_t)
 
 
 @functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as (1, 3, 1, 1) tensors on ``device``, copied there once rather than every step."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, -1, 1, 1)
-    return mean, std
+def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, C, 1, 1) tensors on ``device``, copied there once rather than every step."""
+    return (
+        torch.tensor(mean, device=device).view(1, -1, 1, 1),
+        torch.tensor(std, device=device).view(1, -1, 1, 1),
+    )
 
 
-def eval_transform(input_size: int) -> transforms.Compose:
+def eval_transform(
+    input_size: int,
+    in_chans: int = 3,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
     """Resize to keep the 224/256 ratio (no crop margin above 224), center crop, normalise: the official eval."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     size = int(input_size / crop_pct)
-    return transforms.Compose(
-        [
-            transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-        ]
-    )
+    resize_crop = [transforms.Resize(size, interpolation=InterpolationMode.BICUBIC), transforms.CenterCrop(input_size)]
+    to_tensor = [transforms.ToTensor()] if in_chans == 3 else []  # other counts are tensors already
+    return transforms.Compose([*resize_crop, *to_tensor, transforms.Normalize(mean, std)])
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -262,12 +403,31 @@ def _posterize_safe(transform):
     return transform
 
 
+def data_stats_of(args: argparse.Namespace) -> tuple[Sequence[float], Sequence[float]]:
+    """The per-channel (mean, std) the scripts resolved into ``args``; ImageNet's for a Namespace without them."""
+    return getattr(args, "mean", None) or IMAGENET_DEFAULT_MEAN, getattr(args, "std", None) or IMAGENET_DEFAULT_STD
+
+
 def finetune_transform(args: argparse.Namespace):
     """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing.
 
     Posterize with 0 bits (RandAugment at magnitude 10) gives a black image, as it did with the Pillow of the
-    official code; Pillow 13 would raise instead.
+    official code; Pillow 13 would raise instead. For ``in_chans`` other than 3: RandomResizedCrop (timm's scale
+    and ratio), flip and random erasing on tensors; RandAugment and colour jitter are PIL RGB operations, left out.
     """
+    mean, std = data_stats_of(args)
+    in_chans = getattr(args, "in_chans", 3)
+    if in_chans != 3:
+        if args.aa or args.color_jitter:
+            logger.warning("--in_chans %d: no RandAugment (--aa) or colour jitter, which need RGB images", in_chans)
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(args.input_size, interpolation=InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.Normalize(mean=mean, std=std),
+                RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu"),
+            ]
+        )
     return _posterize_safe(
         create_transform(
             input_size=args.input_size,
@@ -278,28 +438,38 @@ def finetune_transform(args: argparse.Namespace):
             re_prob=args.reprob,
             re_mode=args.remode,
             re_count=args.recount,
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
+            mean=mean,
+            std=std,
         )
     )
 
 
-def linprobe_transform(input_size: int) -> transforms.Compose:
+def linprobe_transform(
+    input_size: int,
+    in_chans: int = 3,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
     """Linear probe: the TF-style RandomResizedCrop (bicubic) and a flip only."""
+    to_tensor = [transforms.ToTensor()] if in_chans == 3 else []  # other counts are tensors already
     return transforms.Compose(
         [
             RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+            *to_tensor,
+            transforms.Normalize(mean=mean, std=std),
         ]
     )
 
 
 def build_dataset(is_train: bool, args: argparse.Namespace) -> datasets.ImageFolder:
     """The fine-tuning dataset: ``train`` with the timm augmentation, ``val`` with the eval transform."""
-    transform = finetune_transform(args) if is_train else eval_transform(args.input_size)
-    return image_folder(os.path.join(args.data_path, "train" if is_train else "val"), transform)
+    in_chans = getattr(args, "in_chans", 3)
+    if is_train:
+        transform = finetune_transform(args)
+    else:
+        transform = eval_transform(args.input_size, in_chans, *data_stats_of(args))
+    return image_folder(os.path.join(args.data_path, "train" if is_train else "val"), transform, in_chans)
 
 
 def check_num_classes(dataset: datasets.ImageFolder, nb_classes: int) -> None:
@@ -317,7 +487,7 @@ def train_loader(dataset, args: argparse.Namespace, device: torch.device):
     Every process gets ``len(dataset) // world_size // batch_size`` steps per epoch.
     """
     sampler = ResumableSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
-    if isinstance(dataset, CheckedImageFolder):
+    if isinstance(dataset, CheckedImages):
         dataset.augment_seed = args.seed
     if len(sampler) < args.batch_size:
         raise UsageError(
@@ -346,8 +516,8 @@ def val_loader(dataset, args: argparse.Namespace, device: torch.device):
 
 
 def _loader(dataset, sampler, args, device: torch.device, drop_last: bool):
-    """A DataLoader; for a ``CheckedImageFolder`` one wrapped in ``CheckedLoader`` (training: ``drop_last``)."""
-    checked = isinstance(dataset, CheckedImageFolder)
+    """A DataLoader; for ``CheckedImages`` one wrapped in ``CheckedLoader`` (training: ``drop_last``)."""
+    checked = isinstance(dataset, CheckedImages)
     skip = bool(getattr(args, "skip_bad_images", False))
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.amp import autocast
-from util.datasets import CheckedImageFolder, CheckedLoader, CollateSkippingBad
+from util.datasets import CheckedImages, CheckedLoader, CollateSkippingBad
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def extract_features(
     model.eval()
     world, rank = get_world_size(), get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # pads to equal shards
-    checked = isinstance(dataset, CheckedImageFolder)
+    checked = isinstance(dataset, CheckedImages)
     collate = CollateSkippingBad(dataset, substitute=False) if checked else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
     if checked:  # an unreadable file: BadImageError naming it (every image must count: no skipping here)
@@ -140,10 +140,12 @@ class PretrainingKNN:
         device: torch.device,
         amp: str = "none",
         num_workers: int = 0,
+        in_chans: int = 3,
     ):
         from util.models import build_classifier, resolve_classifier_name
 
-        self.encoder = build_classifier(resolve_classifier_name(model_name), input_size, 1, 0.0, False, device)
+        name = resolve_classifier_name(model_name)
+        self.encoder = build_classifier(name, input_size, 1, 0.0, False, device, in_chans)
         self.encoder.to(device)
         self.train, self.val, self.ks, self.batch_size = train, val, ks, batch_size
         self.device, self.amp, self.num_workers = device, amp, num_workers

@@ -179,32 +179,52 @@ def _input_stride(model: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, tuple | list) else patch)
 
 
-def _create(name: str, input_size: int, device: torch.device | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with one-line errors. For MixMIM on a known ``device`` the attention path is fixed
-    here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with a float bias runs its math kernel, measured slower);
-    MAE keeps timm's choice."""
+def _create(name: str, input_size: int | tuple[int, int], device: torch.device | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with one-line errors. ``input_size``: a side, or (H, W) (MAE pretraining only). For
+    MixMIM on a known ``device`` the attention path is fixed here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with
+    a float bias runs its math kernel, measured slower); MAE keeps timm's choice."""
+    if not isinstance(input_size, int):
+        h, w = input_size
+        if h == w:
+            input_size = h
+        elif family_of(name) == "mixmim" or not is_pretrain_name(name):
+            raise UsageError(
+                f"--model {name} takes square images only: --input_size S, S a multiple of its stride "
+                f"(non-square --input_size H W is for MAE pretraining)"
+            )
     if device is not None and family_of(name) == "mixmim":
         kwargs.setdefault("fused_attn", torch.device(device).type == "cuda")
+    shown = input_size if isinstance(input_size, int) else " ".join(map(str, input_size))
     try:
         model = timm.create_model(name, img_size=input_size, **kwargs)
     except (ValueError, AssertionError) as e:
-        raise UsageError(f"--model {name} cannot be built for --input_size {input_size}: {e}") from e
+        raise UsageError(f"--model {name} cannot be built for --input_size {shown}: {e}") from e
     stride = _input_stride(model)
-    if input_size % stride != 0:
-        raise UsageError(f"--input_size {input_size} is not a multiple of {stride}, which --model {name} needs")
+    sides = (input_size,) if isinstance(input_size, int) else input_size
+    if any(side % stride != 0 for side in sides):
+        raise UsageError(f"--input_size {shown} is not a multiple of {stride}, which --model {name} needs")
     return model
 
 
-def check_buildable(name: str, input_size: int) -> None:
+def is_pretrain_name(name: str) -> bool:
+    """Whether ``name`` is a pretraining model's name."""
+    arch = _architecture(name)
+    return arch is not None and name in (arch.pretrain, *arch.official_names) and name != arch.classifier
+
+
+def check_buildable(name: str, input_size: int | tuple[int, int], in_chans: int = 3) -> None:
     """Build ``name`` for ``input_size`` on the meta device (no memory, no init cost), so that an input size the
     model cannot take fails before any work is done."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _create(name, input_size)
+        _create(name, input_size, in_chans=in_chans)
 
 
-def build_pretrain_model(name: str, input_size: int, device: torch.device | None = None, **kwargs) -> nn.Module:
-    """A pretraining model (MAE or MixMIM) for square images of side ``input_size``, to run on ``device``."""
+def build_pretrain_model(
+    name: str, input_size: int | tuple[int, int], device: torch.device | None = None, **kwargs
+) -> nn.Module:
+    """A pretraining model (MAE or MixMIM) for images of side ``input_size`` (MAE: or (H, W)), to run on ``device``;
+    ``kwargs`` for the factory (``in_chans``, ``norm_pix_loss``)."""
     return _create(resolve_pretrain_name(name), input_size, device, **kwargs)
 
 
@@ -215,13 +235,14 @@ def build_classifier(
     drop_path_rate: float,
     global_pool: bool | None = None,
     device: torch.device | None = None,
+    in_chans: int = 3,
 ) -> nn.Module:
-    """A classifier (ViT or MixMIM) for fine-tuning or linear probing.
+    """A classifier (ViT or MixMIM) for fine-tuning or linear probing, for images of ``in_chans`` channels.
 
     ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM always pools (``--cls_token`` is ignored).
     """
     resolved = resolve_classifier_name(name)
-    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans)
     if family_of(resolved) == "mae":
         kwargs["global_pool"] = bool(global_pool)
     elif global_pool is False:

@@ -1,6 +1,7 @@
 """Position embeddings: fixed 2-D sine-cosine tables and resizing of learned ones for another resolution.
 
-Shape legend: G grid side (patches per row), D embedding width, E extra tokens (cls).
+Shape legend: G grid side (patches per row), Gh x Gw a rectangular grid (rows x columns), D embedding width,
+E extra tokens (cls).
 """
 
 import logging
@@ -12,16 +13,18 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    """2-D sine-cosine embedding of a square grid, (G*G, D), or (1+G*G, D) with a zero row for the cls token.
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool = False) -> np.ndarray:
+    """2-D sine-cosine embedding of a grid, (G*G, D), or (1+G*G, D) with a zero row for the cls token.
 
-    As in the official code, the first half of the channels encodes the column (meshgrid puts w first) and the
-    second half the row.
+    ``grid_size``: the side G of a square grid (the official function), or (Gh, Gw) for a rectangular one, whose
+    rows come in row-major order, (Gh*Gw, D). As in the official code, the first half of the channels encodes the
+    column (meshgrid puts w first) and the second half the row.
     """
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)  # w goes first
-    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])  # (2, 1, G, G)
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    grid_h = np.arange(gh, dtype=np.float32)
+    grid_w = np.arange(gw, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # w goes first: two (Gh, Gw) arrays
+    grid = np.stack(grid, axis=0).reshape([2, 1, gh, gw])  # (2, 1, Gh, Gw)
     pos_embed = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
     if cls_token:
         pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
@@ -29,7 +32,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 
 
 def get_2d_sincos_pos_embed_from_grid(embed_dim: int, grid: np.ndarray) -> np.ndarray:
-    """grid: (2, 1, G, G) coordinates -> (G*G, D)."""
+    """grid: (2, 1, Gh, Gw) coordinates -> (Gh*Gw, D)."""
     if embed_dim % 2 != 0:
         raise ValueError(f"embed_dim must be even, got {embed_dim}")
     emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (G*G, D/2)
@@ -50,30 +53,34 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
 
 
-def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict) -> None:
-    """Resize a ViT checkpoint's ``pos_embed`` (in place) to the model's patch grid, bicubically.
+def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict, key: str = "pos_embed") -> None:
+    """Resize a ViT checkpoint's ``pos_embed`` (or ``key``, e.g. an MAE's ``decoder_pos_embed``) in place to the
+    model's patch grid, bicubically; the checkpoint's grid is square, the model's may be rectangular (Gh, Gw).
 
     The extra tokens (cls) are kept unchanged; only the G*G grid entries are interpolated.
     """
-    if "pos_embed" not in checkpoint_model:
+    if key not in checkpoint_model:
         return
-    pos_embed_checkpoint = checkpoint_model["pos_embed"]  # (1, E + G0*G0, D)
+    pos_embed_checkpoint = checkpoint_model[key]  # (1, E + G0*G0, D)
     embedding_size = pos_embed_checkpoint.shape[-1]
     num_patches = model.patch_embed.num_patches
-    num_extra_tokens = model.pos_embed.shape[-2] - num_patches
+    side = int(num_patches**0.5)
+    gh, gw = getattr(model.patch_embed, "grid_size", (side, side))
+    num_extra_tokens = getattr(model, key).shape[-2] - num_patches
     orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
-    new_size = int(num_patches**0.5)
-    if orig_size == new_size:
+    if (orig_size, orig_size) == (gh, gw):
         return
-    logger.info("Position interpolate from %dx%d to %dx%d", orig_size, orig_size, new_size, new_size)
+    if orig_size**2 != pos_embed_checkpoint.shape[-2] - num_extra_tokens:
+        return  # not a square grid: left for the load to report as a shape mismatch
+    logger.info("%s: interpolate from %dx%d to %dx%d", key, orig_size, orig_size, gh, gw)
     extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]  # (1, E, D)
     pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
     pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)  # (1, D, G0, G0)
-    pos_tokens = F.interpolate(pos_tokens.float(), size=(new_size, new_size), mode="bicubic", align_corners=False).to(
+    pos_tokens = F.interpolate(pos_tokens.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(
         pos_embed_checkpoint.dtype
     )
-    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)  # (1, G*G, D)
-    checkpoint_model["pos_embed"] = torch.cat((extra_tokens, pos_tokens), dim=1)
+    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)  # (1, Gh*Gw, D)
+    checkpoint_model[key] = torch.cat((extra_tokens, pos_tokens), dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------

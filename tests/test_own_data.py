@@ -1,0 +1,414 @@
+"""Pretraining on one's own data: unlabelled folders and file lists, any channel count (grey-scale, 16-bit,
+``.npy``), per-channel statistics (flags, ``--data_stats auto``, the checkpoint's), and the patch embedding of a
+3-channel checkpoint adapted to N channels."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_utils import parse, tiny_run_args
+
+import main_knn
+import main_linprobe
+import main_pretrain
+from util.checkpoint import load_pretrained
+from util.data_stats import estimate_data_stats
+from util.datasets import CheckedLoader, load_tensor, pretrain_dataset, pretrain_transform, train_loader
+from util.errors import BadImageError, UsageError
+from util.models import build_classifier, build_pretrain_model
+
+# ------------------------------------------------------------------------------------------------ generated data
+
+
+def grey_images(root: Path, n: int, size: int = 36, seed: int = 0) -> list[Path]:
+    """``n`` random 8-bit grey-scale PNGs spread over nested folders (no class structure); their paths, sorted."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = root / f"site{i % 3}" / ("a" if i % 2 else "b" / Path("deep"))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray((rng.random((size, size)) * 200 + 20).astype(np.uint8), mode="L").save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def npy_images(root: Path, n: int, chans: int = 5, size: int = 36, seed: int = 0) -> list[Path]:
+    """``n`` float32 (H, W, chans) arrays, channel c around c / chans."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        a = rng.random((size, size, chans), dtype=np.float32) * 0.2 + np.arange(chans, dtype=np.float32) / chans
+        np.save(root / f"{i}.npy", a)
+        paths.append(root / f"{i}.npy")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+def test_a_folder_at_any_depth_and_a_list_file(tmp_path: Path) -> None:
+    written = grey_images(tmp_path / "data", 7)
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    (tmp_path / "data" / ".hidden.png").write_bytes(b"")
+    folder = pretrain_dataset(str(tmp_path / "data"), None, in_chans=1)
+    assert [Path(p) for p, _ in folder.samples] == written
+    assert {t for _, t in folder.samples} == {0}
+
+    listed = [written[4], written[0], written[2]]
+    lines = ["# my subset", "", *(str(p.relative_to(tmp_path)) for p in listed), "   "]
+    (tmp_path / "subset.txt").write_text("\n".join(lines) + "\n")
+    subset = pretrain_dataset(str(tmp_path / "subset.txt"), None, in_chans=1)
+    assert [Path(p) for p, _ in subset.samples] == listed  # in the file's order, relative to its folder
+
+
+def test_one_line_errors_for_empty_folders_missing_listed_files_and_paths(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.md").write_text("x")
+    with pytest.raises(UsageError, match=r"empty holds no image files"):
+        pretrain_dataset(str(tmp_path / "empty"), None)
+    (tmp_path / "list.txt").write_text("\n".join(f"gone{i}.png" for i in range(5)) + "\n")
+    with pytest.raises(UsageError, match=r"do not exist: .*gone0.png, .*gone1.png, .*gone2.png, \.\.\. \(5 in all\)"):
+        pretrain_dataset(str(tmp_path / "list.txt"), None)
+    (tmp_path / "comments.txt").write_text("# nothing\n\n")
+    with pytest.raises(UsageError, match="names no files"):
+        pretrain_dataset(str(tmp_path / "comments.txt"), None)
+    with pytest.raises(UsageError, match="nowhere does not exist"):
+        pretrain_dataset(str(tmp_path / "nowhere"), None)
+
+
+def test_a_folder_where_no_image_can_be_read_is_a_one_line_error_also_when_skipping(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"{i}.png").write_bytes(b"not a png")
+    args = parse(main_pretrain.get_args_parser(), batch_size=2, num_workers=0, seed=0, skip_bad_images=True)
+    loader = train_loader(pretrain_dataset(str(tmp_path / "data"), pretrain_transform(32)), args, torch.device("cpu"))
+    with pytest.raises(BadImageError, match=r"data: no readable image \(4 unreadable files in this pass\)"):
+        list(loader)
+
+
+def test_grey_16bit_and_npy_files_are_read_as_their_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
+    x = load_tensor(str(tmp_path / "g.png"), 1)
+    assert x.shape == (1, 5, 7)
+    assert torch.equal(x[0], torch.from_numpy(grey).float() / 255)  # one channel, not repeated to three
+
+    deep = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")  # a 16-bit grey PNG
+    torch.testing.assert_close(
+        load_tensor(str(tmp_path / "d.png"), 1)[0], torch.from_numpy(deep.astype(np.float32)) / 65535
+    )
+
+    bands = rng.random((5, 7, 5)).astype(np.float32)
+    np.save(tmp_path / "b.npy", bands)
+    assert torch.equal(load_tensor(str(tmp_path / "b.npy"), 5), torch.from_numpy(bands).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="5 channels, but --in_chans is 4"):
+        load_tensor(str(tmp_path / "b.npy"), 4)
+
+
+def test_an_image_with_another_channel_count_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    grey_images(tmp_path / "data", 4)
+    rgb = tmp_path / "data" / "colour.png"
+    Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(rgb)
+    dataset = pretrain_dataset(str(tmp_path / "data"), pretrain_transform(32, in_chans=1, mean=[0.5], std=[0.5]), 1)
+    args = parse(main_pretrain.get_args_parser(), batch_size=5, num_workers=0, seed=0)
+    loader = train_loader(dataset, args, torch.device("cpu"))
+    assert isinstance(loader, CheckedLoader)
+    with pytest.raises(
+        BadImageError, match=rf"cannot read image {rgb} \(ValueError: 3 channels, but --in_chans is 1\)"
+    ):
+        list(loader)
+    args.skip_bad_images, args.batch_size = True, 4
+    batches = list(train_loader(dataset, args, torch.device("cpu")))
+    assert [tuple(b.shape) for b, _ in batches] == [(4, 1, 32, 32)]  # the batch refilled with a grey image
+
+
+def test_tensor_transforms_keep_each_channel_and_normalise_it() -> None:
+    """A constant image stays constant under any crop, flip and bicubic resize: each output channel is
+    (value - mean) / std of its own channel."""
+    values = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    image = values.view(5, 1, 1).expand(5, 40, 50).clone()
+    mean, std = [0.2, 0.2, 0.4, 0.4, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]
+    torch.manual_seed(0)
+    out = pretrain_transform([24, 32], in_chans=5, mean=mean, std=std)(image)
+    assert out.shape == (5, 24, 32)
+    expected = (values - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(out, expected.view(5, 1, 1).expand(5, 24, 32), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_estimated_statistics_equal_numpy_on_the_same_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    arrays = [rng.random((h, w, 2)).astype(np.float32) * [1, 3] for h, w in ((6, 9), (11, 4), (8, 8))]
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"{i}.npy", a)
+    dataset = pretrain_dataset(str(tmp_path), None, in_chans=2)
+    pixels = np.concatenate([a.reshape(-1, 2) for a in arrays]).astype(np.float64)  # every pixel once
+    stats = estimate_data_stats(dataset, num_images=1000, seed=0)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-6)
+    one = estimate_data_stats(dataset, num_images=1, seed=3)  # a sample of one image: that image's statistics
+    assert any(np.allclose(one["mean"], a.reshape(-1, 2).mean(0), rtol=1e-6) for a in arrays)
+
+
+def pretrain_flags(data: Path, out: Path, **kw) -> dict:
+    return tiny_run_args(data, out, model="mae_vit_tiny_patch4", epochs=1, warmup_epochs=0, **kw)
+
+
+def test_data_stats_auto_is_stored_and_reused_by_the_probes(tmp_path: Path, caplog) -> None:
+    """1-channel pretraining with --data_stats auto: the checkpoint (weights_only) and args.json hold numpy's
+    statistics of the images; linear probing and k-NN of the checkpoint normalise with them without a flag, and an
+    explicit other --mean wins with a warning."""
+    paths = grey_images(tmp_path / "data", 8)
+    out = tmp_path / "pre"
+    main_pretrain.main(parse(main_pretrain.get_args_parser(), **pretrain_flags(tmp_path / "data", out),
+                             in_chans=1, data_stats="auto"))  # fmt: skip
+    pixels = np.concatenate([np.asarray(Image.open(p), np.float64).ravel() / 255 for p in paths])
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    np.testing.assert_allclose(ckpt["data_stats"]["mean"], [pixels.mean()], rtol=1e-6)
+    np.testing.assert_allclose(ckpt["data_stats"]["std"], [pixels.std()], rtol=1e-6)
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["mean"] == ckpt["data_stats"]["mean"] and saved["in_chans"] == 1
+    assert ckpt["model"]["patch_embed.proj.weight"].shape[1] == 1
+
+    # a labelled grey ImageFolder for the probes
+    for split in ("train", "val"):
+        for c in range(2):
+            grey_images(tmp_path / "lab" / split / f"class{c}", 2, seed=c)
+    flags = tiny_run_args(tmp_path / "lab", tmp_path / "lp", model="vit_tiny_patch4", epochs=1, warmup_epochs=0,
+                          nb_classes=2, finetune=out / "checkpoint-last.pth", in_chans=1)  # fmt: skip
+    args = parse(main_linprobe.get_args_parser(), **flags)
+    main_linprobe.main(args)
+    assert args.mean == ckpt["data_stats"]["mean"] and args.std == ckpt["data_stats"]["std"]
+    knn_args = parse(main_knn.get_args_parser(), model="vit_tiny_patch4", finetune=out / "checkpoint-last.pth",
+                     data_path=tmp_path / "lab", input_size=32, batch_size=4, device="cpu", num_workers=0,
+                     in_chans=1, mean=0.5, std=0.25)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        main_knn.main(knn_args)
+    assert knn_args.mean == [0.5]
+    assert any("not those of --finetune" in r.getMessage() for r in caplog.records)
+
+
+def test_statistics_flags_errors(tmp_path: Path) -> None:
+    grey_images(tmp_path / "data", 4)
+    parser = main_pretrain.get_args_parser()
+    cases = [
+        (dict(in_chans=1), "--in_chans 1: give the images' --mean and --std"),
+        (dict(in_chans=2, mean="0.5 0.5", std=0.2), "need 2 values each"),
+        (dict(mean=0.5), "give both --mean and --std"),
+        (dict(in_chans=1, mean=0.5, std=0.2, data_stats="auto"), "not both"),
+        (dict(in_chans=1, mean=0.5, std=0.0), "must be positive"),
+    ]
+    for flags, message in cases:
+        argv = []
+        for k, v in {**pretrain_flags(tmp_path / "data", tmp_path / "out"), **flags}.items():
+            argv += [f"--{k}", *str(v).split()]
+        with pytest.raises(UsageError, match=message):
+            main_pretrain.main(parser.parse_args(argv))
+
+
+def test_five_band_npy_pretraining_runs_and_stores_its_statistics(tmp_path: Path) -> None:
+    npy_images(tmp_path / "bands", 8)
+    mean, std = "0.1 0.3 0.5 0.7 0.9", "0.1 0.1 0.1 0.1 0.1"
+    argv = []
+    for k, v in {
+        **pretrain_flags(tmp_path / "bands", tmp_path / "out"),
+        "in_chans": 5,
+        "mean": mean,
+        "std": std,
+    }.items():
+        argv += [f"--{k}", *str(v).split()]
+    stats = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    assert np.isfinite(stats["loss"])
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["data_stats"] == {"mean": [0.1, 0.3, 0.5, 0.7, 0.9], "std": [0.1] * 5}
+    assert ckpt["model"]["decoder_pred.weight"].shape[0] == 4 * 4 * 5  # predicts p*p*C values per patch
+
+
+# ------------------------------------------------------------------------------------ channels of a checkpoint
+
+
+@pytest.mark.parametrize("in_chans", [1, 5, 6])
+def test_a_3_channel_patch_embedding_is_adapted_by_timms_rule(tmp_path: Path, in_chans: int, caplog) -> None:
+    torch.manual_seed(0)
+    source = build_pretrain_model("mae_vit_tiny_patch4", 32)
+    torch.save({"model": source.state_dict()}, tmp_path / "rgb.pth")
+    w = source.state_dict()["patch_embed.proj.weight"]  # (D, 3, p, p)
+    model = build_classifier("vit_tiny_patch4", 32, 10, 0.0, True, in_chans=in_chans)
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, str(tmp_path / "rgb.pth"))
+    assert any("adapted from 3 to" in r.getMessage() for r in caplog.records)
+    got = model.patch_embed.proj.weight.detach()
+    if in_chans == 1:
+        expected = w[:, 0:1] + w[:, 1:2] + w[:, 2:3]
+    else:  # channel c takes RGB channel c mod 3, scaled by 3 / N
+        expected = torch.stack([w[:, c % 3] for c in range(in_chans)], dim=1) * (3 / in_chans)
+    torch.testing.assert_close(got, expected)
+    if in_chans % 3 == 0 or in_chans == 1:  # a grey image repeated over the channels: the RGB model's embedding
+        g = torch.rand(2, 1, 32, 32)
+        torch.testing.assert_close(
+            model.patch_embed(g.expand(-1, in_chans, -1, -1)), source.patch_embed(g.expand(-1, 3, -1, -1)),
+            rtol=1e-5, atol=1e-5,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ image shape
+
+
+def test_non_square_mae_pretraining_uses_a_rectangular_sincos_grid(tmp_path: Path) -> None:
+    from util.pos_embed import get_2d_sincos_pos_embed
+
+    grey_images(tmp_path / "data", 8, size=52)
+    argv = []
+    for k, v in {**pretrain_flags(tmp_path / "data", tmp_path / "out"), "input_size": "32 48", "in_chans": 1,
+                 "mean": 0.5, "std": 0.25}.items():  # fmt: skip
+        argv += [f"--{k}", *str(v).split()]
+    stats = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    assert np.isfinite(stats["loss"])
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["input_size"] == [32, 48]
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)
+    expected = torch.from_numpy(get_2d_sincos_pos_embed(192, (8, 12), cls_token=True)).float()[None]
+    assert torch.equal(ckpt["model"]["pos_embed"], expected)
+
+
+@pytest.mark.parametrize(
+    "size, message", [("64 96", "takes square images only"), ("48", "cannot be built for --input_size 48")]
+)
+def test_mixmim_says_which_sizes_it_takes(tmp_path: Path, size: str, message: str) -> None:
+    grey_images(tmp_path / "data", 4)
+    argv = []
+    for k, v in {
+        **pretrain_flags(tmp_path / "data", tmp_path / "out"),
+        "model": "mixmim_tiny",
+        "input_size": size,
+    }.items():
+        argv += [f"--{k}", *str(v).split()]
+    with pytest.raises(UsageError, match=message):
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+
+
+# ------------------------------------------------------------------------------------------------ continued pretraining
+
+
+def constant_field(embed: torch.Tensor) -> torch.Tensor:
+    """(1, 1+L, D): the cls row kept, every grid position the same vector (bicubic resizing keeps it)."""
+    field = embed.clone()
+    field[:, 1:] = torch.linspace(-1, 1, embed.shape[-1])
+    return field
+
+
+def test_mae_continued_pretraining_from_a_3_channel_checkpoint_with_its_decoder(tmp_path: Path, caplog) -> None:
+    """An official-style checkpoint (encoder + decoder, 3 channels, 32 px) into a 1-channel MAE at 48 px: the
+    blocks and decoder load, the patch embedding is summed over RGB, both position embeddings are resized, the
+    decoder's output layer (p*p*3 values) starts fresh."""
+    torch.manual_seed(0)
+    source = build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()
+    source["pos_embed"], source["decoder_pos_embed"] = map(
+        constant_field, (source["pos_embed"], source["decoder_pos_embed"])
+    )
+    torch.save({"model": source}, tmp_path / "mae_visualize.pth")
+    model = build_pretrain_model("mae_vit_tiny_patch4", 48, in_chans=1)
+    fresh_pred = model.decoder_pred.weight.detach().clone()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, str(tmp_path / "mae_visualize.pth"), classifier=False)
+    own = model.state_dict()
+    for key in ("blocks.5.mlp.fc2.weight", "decoder_blocks.1.attn.qkv.weight", "decoder_embed.weight", "mask_token"):
+        assert torch.equal(own[key], source[key]), key
+    w = source["patch_embed.proj.weight"]
+    torch.testing.assert_close(own["patch_embed.proj.weight"], w[:, 0:1] + w[:, 1:2] + w[:, 2:3])
+    for key in ("pos_embed", "decoder_pos_embed"):
+        assert own[key].shape[1] == 1 + 12 * 12
+        torch.testing.assert_close(own[key][:, 1:], source[key][:, 1:2].expand(-1, 144, -1), rtol=0, atol=1e-5)
+        assert torch.equal(own[key][:, :1], source[key][:, :1])
+    assert torch.equal(own["decoder_pred.weight"], fresh_pred)  # (p*p*1, Dd) vs the checkpoint's (p*p*3, Dd)
+    assert not any("holds no decoder" in r.getMessage() for r in caplog.records)
+
+
+def test_mae_continued_pretraining_from_an_encoder_only_checkpoint(tmp_path: Path, caplog) -> None:
+    """``mae_pretrain_vit_*.pth``-style (no decoder, no mask token): the encoder loads, the decoder keeps its
+    initialisation, and a log line says so; main_pretrain.py takes it with --finetune."""
+    torch.manual_seed(0)
+    source = {k: v for k, v in build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict().items()
+              if not k.startswith(("decoder", "mask_token"))}  # fmt: skip
+    torch.save({"model": source}, tmp_path / "mae_pretrain.pth")
+    torch.manual_seed(1)
+    model = build_pretrain_model("mae_vit_tiny_patch4", 32)
+    decoder = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("decoder")}
+    with caplog.at_level(logging.INFO):
+        load_pretrained(model, str(tmp_path / "mae_pretrain.pth"), classifier=False)
+    assert any("holds no decoder" in r.getMessage() for r in caplog.records)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in decoder.items())
+    assert all(torch.equal(own[k], v) for k, v in source.items())
+
+    grey_images(tmp_path / "data", 8)
+    flags = {**pretrain_flags(tmp_path / "data", tmp_path / "out"), "finetune": tmp_path / "mae_pretrain.pth"}
+    stats = main_pretrain.main(parse(main_pretrain.get_args_parser(), **flags))  # grey PNGs read as RGB (3 channels)
+    assert np.isfinite(stats["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ visualize.py
+
+
+def test_visualize_a_one_channel_checkpoint_with_its_statistics(tmp_path: Path) -> None:
+    """The panels of a grey-scale model show the original as its pixels: normalised with the checkpoint's
+    statistics and back."""
+    import visualize
+
+    torch.manual_seed(0)
+    model = build_pretrain_model("mae_vit_tiny_patch4", 32, in_chans=1)
+    saved = {"in_chans": 1, "input_size": 32}
+    torch.save({"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4", "args": saved,
+                "data_stats": {"mean": [0.4], "std": [0.2]}}, tmp_path / "grey.pth")  # fmt: skip
+    (path,) = grey_images(tmp_path / "imgs", 1, size=32)
+    args = visualize.get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(tmp_path / "grey.pth"),
+            "--images",
+            str(path),
+            str(path),
+            "--output_dir",
+            str(tmp_path / "vis"),
+            "--scale",
+            "1",
+        ]
+    )
+    (first, _) = visualize.main(args)
+    panel = np.asarray(Image.open(first).convert("L"))
+    top = visualize.TITLE_HEIGHT + visualize.GAP
+    original = panel[top : top + 32, visualize.GAP : visualize.GAP + 32]
+    assert np.abs(original.astype(int) - np.asarray(Image.open(path)).astype(int)).max() <= 1
+
+
+def test_mixmim_with_n_channels_patchifies_and_adapts_a_3_channel_checkpoint(tmp_path: Path) -> None:
+    """MixMIM's targets are the (S, S, C) pixels of each stride-S cell, C the model's channels; a 3-channel
+    MixMIM checkpoint fine-tunes on 1 channel with the RGB patch-embedding weights summed."""
+    torch.manual_seed(0)
+    model = build_pretrain_model("mixmim_tiny", 64, in_chans=5)
+    S = model.encoder_stride
+    imgs = torch.randn(2, 5, 64, 64)
+    patches = model.patchify(imgs)
+    g = 64 // S
+    assert patches.shape == (2, g * g, S * S * 5)
+    i, j = 1, 2
+    expected = imgs[:, :, i * S : (i + 1) * S, j * S : (j + 1) * S].permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.equal(patches[:, i * g + j], expected)
+    assert torch.equal(model.unpatchify(patches), imgs)
+    assert torch.isfinite(model(imgs, mask_ratio=0.5)[0])
+
+    rgb = build_pretrain_model("mixmim_tiny", 64).state_dict()
+    torch.save({"model": rgb}, tmp_path / "mixmim.pth")
+    classifier = build_classifier("mixmim_tiny_ft", 64, 10, 0.0, in_chans=1)
+    load_pretrained(classifier, str(tmp_path / "mixmim.pth"))
+    w = rgb["patch_embed.proj.weight"]
+    torch.testing.assert_close(classifier.patch_embed.proj.weight.detach(), w.sum(1, keepdim=True))
