@@ -61,7 +61,13 @@ class SimpleFeaturePyramid(nn.Module):
         vit.prune_intermediate_layers([self.last], prune_norm=True)  # the final norm and the head go unused
         dim = vit.embed_dim
         patch = vit.patch_embed.patch_size[0]
-        self.strides = [patch / 4, patch / 2, patch, patch * 2]  # ViT-H/14: 3.5, 7, 14, 28
+        if patch < 4 or patch & (patch - 1):
+            # torchvision's anchors and RoI pooling take each level's stride as a whole power of two
+            raise ValueError(
+                f"the simple feature pyramid needs a power-of-two patch size of at least 4, not {patch} (ViTDet "
+                "resamples ViT-H/14's patch embedding to 16 first)"
+            )
+        self.strides = [patch // 4, patch // 2, patch, patch * 2]
         self.resample = nn.ModuleList(
             [
                 nn.Sequential(  # x4: two stride-2 deconvolutions
@@ -128,11 +134,14 @@ def detection_backbone(
     name = resolve_classifier_name(model)
     if checkpoint and not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint {checkpoint} does not exist")
-    kwargs = dict(num_classes=0)
+    kwargs = dict(num_classes=0)  # a fine-tuned checkpoint's head is left out
     if img_size is not None:
         kwargs["img_size"] = img_size
     if checkpoint:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
     if family_of(name) == "mae":
-        return SimpleFeaturePyramid(timm.create_model(name, dynamic_img_size=True, **kwargs), out_channels)
+        # global pooling: no final norm, so any checkpoint fits (pretraining, cls-token or global-pool fine-tuned);
+        # the pyramid drops the norms and the pooling anyway
+        vit = timm.create_model(name, dynamic_img_size=True, global_pool=True, **kwargs)
+        return SimpleFeaturePyramid(vit, out_channels)
     return StageFeaturePyramid(timm.create_model(name, **kwargs), out_channels)

@@ -481,20 +481,22 @@ class MixMIMEncoder(nn.Module):
         intermediates = []
         stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
         i = 0
+        h, w = self.patch_grid
         for i, layer in enumerate(stages):
             x = layer.forward_blocks(x)  # (B, L_i, D_i)
+            h, w = layer.input_resolution
             if i in take_indices:
                 y = self.norm(x) if norm and i == last else x
-                h, w = layer.input_resolution
                 y = y.reshape(B, h, w, -1)  # (B, h_i, w_i, D_i)
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-            if layer.downsample is not None:
+            if layer.downsample is not None and not (stop_early and i == max_index):  # stopping: end at the tap
                 x = layer.downsample(x)
+                h, w = h // 2, w // 2
         if intermediates_only:
             return intermediates
         if i == last:
             x = self.norm(x)
-        return self._grid(x), intermediates
+        return x.reshape(B, h, w, -1).permute(0, 3, 1, 2), intermediates  # (B, D, h, w) where the stages stopped
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Lo, D) tokens after the last stage -> (B, D, ho, wo) map."""
@@ -746,7 +748,9 @@ class MixMIMClassifier(MixMIMEncoder):
         """(B, D4, ho, wo) -> (B, num_classes) logits; ``pre_logits``: the (B, D4) average (official avgpool)."""
         if self.global_pool == "avg":
             x = x.mean(dim=(2, 3))  # (B, D4)
-        return x if pre_logits else self.head(x)
+            return x if pre_logits else self.head(x)
+        # no pooling: the head classifies every position
+        return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, classes, ho, wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes) logits."""
@@ -792,7 +796,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     for anything else that does not fit; keys the checkpoint lacks (the head) keep the model's initialisation."""
     from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
 
-    load_pretrained_state(model, dict(state_dict_of(state_dict)), "pretrained_cfg file", head_init_std=None)
+    source = model.pretrained_cfg.get("file") or "the pretrained_cfg's weights"
+    load_pretrained_state(model, dict(state_dict_of(state_dict)), source, head_init_std=None)
     return model.state_dict()
 
 

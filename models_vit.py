@@ -77,7 +77,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     model's initialisation."""
     from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
 
-    load_pretrained_state(model, dict(state_dict_of(state_dict)), "pretrained_cfg file", head_init_std=None)
+    source = model.pretrained_cfg.get("file") or "the pretrained_cfg's weights"
+    load_pretrained_state(model, dict(state_dict_of(state_dict)), source, head_init_std=None)
     return model.state_dict()
 
 

@@ -111,6 +111,13 @@ def build_model(name: str, args: argparse.Namespace, device: torch.device) -> nn
     return model.to(device).train()
 
 
+def param_count(model: nn.Module) -> int:
+    """Parameters, and the fixed position tables the official models count as (frozen) parameters: MixMIM's is a
+    buffer here."""
+    tables = sum(b.numel() for n, b in model.named_buffers() if n.endswith("absolute_pos_embed"))
+    return sum(p.numel() for p in model.parameters()) + tables
+
+
 def input_size(model: nn.Module) -> int:
     size = getattr(model, "img_size", None) or model.patch_embed.img_size
     return int(size[0] if isinstance(size, tuple | list) else size)
@@ -232,7 +239,7 @@ def flops_row(name: str, args: argparse.Namespace) -> dict:
         "kind": "pretrain" if is_pretrain_model(model) else "finetune",
         "input_size": size,
         "mask_ratio": mask_ratio,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": param_count(model) / 1e6,
         "gflops_per_image": flops / 1e9,
         "images_per_s_at_peak": args.peak_tflops * 1e12 / flops if args.peak_tflops else None,
     }
@@ -336,7 +343,7 @@ def bench_one(
         "gflops_per_image": flops[name] / 1e9,
         "tflops": flops[name] * ips / 1e12,
         "mfu": flops[name] * ips / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": param_count(model) / 1e6,
     }
     del epoch, runner, optimizer, model, images, targets
     if compiled:

@@ -1,6 +1,7 @@
 """Detection backbones: ViTDet's simple feature pyramid on the MAE ViT, an FPN on MixMIM's stages, and one Mask R-CNN
 training step of torchvision on each, from a pretraining checkpoint."""
 
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,14 @@ def test_stage_feature_pyramid_pads_to_the_encoders_size() -> None:
     with torch.no_grad():
         out = pyramid(x)
         # zeros below the image, as torchvision batches images: the boxes' coordinates stay those of the image
-        torch.testing.assert_close(seen["x"], torch.cat([x, torch.zeros(2, 3, 16, 64)], dim=2), rtol=0, atol=0)
+        padded = torch.cat([x, torch.zeros(2, 3, 16, 64)], dim=2)
+        torch.testing.assert_close(seen["x"], padded, rtol=0, atol=0)
+        # and the maps are the top-left (image) part of the padded image's maps
+        maps = pyramid.encoder.forward_intermediates(padded, norm=True, intermediates_only=True)
+        crops = [m[..., : 48 // s, : 64 // s] for m, s in zip(maps, (2, 4, 8, 16), strict=True)]
+        expected = pyramid.fpn(OrderedDict((str(i), m) for i, m in enumerate(crops)))
+        for key in expected:
+            torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
         assert _levels(out) == {
             "0": (2, 16, 24, 32),
             "1": (2, 16, 12, 16),
@@ -126,7 +134,32 @@ def test_one_mask_rcnn_training_step(tmp_path: Path, family: str, pretrain, size
     assert all(not torch.equal(p, before[n]) for n, p in inner.named_parameters())
 
 
-def test_module_strides_follow_the_patch_size() -> None:
+def test_a_patch_size_that_is_not_a_power_of_two_is_refused() -> None:
     with torch.device("meta"):
-        vit = models_backbone.timm.create_model("vit_huge_patch14", num_classes=0, dynamic_img_size=True)
-        assert models_backbone.SimpleFeaturePyramid(vit).strides == [3.5, 7, 14, 28]
+        base = models_backbone.timm.create_model("vit_base_patch16", num_classes=0, dynamic_img_size=True)
+        assert models_backbone.SimpleFeaturePyramid(base).strides == [4, 8, 16, 32]
+        huge = models_backbone.timm.create_model("vit_huge_patch14", num_classes=0, dynamic_img_size=True)
+        with pytest.raises(ValueError, match="power-of-two patch size of at least 4, not 14"):
+            models_backbone.SimpleFeaturePyramid(huge)
+
+
+@pytest.mark.parametrize(
+    "name, size, global_pool",
+    [("vit_tiny_patch4", 32, True), ("vit_tiny_patch4", 32, False), ("mixmim_tiny_ft", 64, None)],
+)
+def test_a_fine_tuned_checkpoint_makes_a_backbone(tmp_path: Path, name: str, size: int, global_pool) -> None:
+    """A classifier's checkpoint (its head left out; a ViT's global-pool or cls-token layout): the backbone's encoder
+    weights are the checkpoint's."""
+    from util.models import build_classifier
+
+    torch.manual_seed(0)
+    classifier = build_classifier(name, size, num_classes=7, drop_path_rate=0.0, global_pool=global_pool)
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    backbone = detection_backbone(name, str(path), out_channels=8)
+    inner = backbone.vit if name.startswith("vit") else backbone.encoder
+    own = inner.state_dict()
+    for key, value in classifier.state_dict().items():
+        if key in own:
+            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
+    assert "blocks.5.mlp.fc2.weight" in own or "layers.3.blocks.0.mlp.fc2.weight" in own

@@ -21,32 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # the tests of timm's tests/test_models.py each classifier must pass (as timm's own ViT / Swin do): ViTs count
 # as timm's "non-standard" models (their features are tokens), so they take the _non_std config test and no
 # features_only-by-hooks test, as timm's ViT
+_BOTH = [
+    "test_model_forward[1-{}]",
+    "test_model_backward[2-{}]",
+    "test_model_forward_intermediates[1-{}]",
+    "test_model_forward_intermediates_features[1-{}]",
+    "test_prune_intermediate_layers_contract[{}]",
+    "test_model_forward_torchscript[1-{}]",
+    "test_model_forward_fx[1-{}]",
+    "test_model_backward_fx[2-{}]",
+    "test_model_forward_fx_torchscript[1-{}]",
+]
 SUITE_TESTS = {
-    "vit_tiny_patch4": [
-        "test_model_forward[1-{}]",
-        "test_model_backward[2-{}]",
-        "test_model_default_cfgs_non_std[1-{}]",
-        "test_model_forward_intermediates[1-{}]",
-        "test_model_forward_intermediates_features[1-{}]",
-        "test_prune_intermediate_layers_contract[{}]",
-        "test_model_forward_torchscript[1-{}]",
-        "test_model_forward_fx[1-{}]",
-        "test_model_backward_fx[2-{}]",
-        "test_model_forward_fx_torchscript[1-{}]",
-    ],
-    "mixmim_tiny_ft": [
-        "test_model_forward[1-{}]",
-        "test_model_backward[2-{}]",
-        "test_model_default_cfgs[1-{}]",
-        "test_model_forward_features[1-{}]",
-        "test_model_forward_intermediates[1-{}]",
-        "test_model_forward_intermediates_features[1-{}]",
-        "test_prune_intermediate_layers_contract[{}]",
-        "test_model_forward_torchscript[1-{}]",
-        "test_model_forward_fx[1-{}]",
-        "test_model_backward_fx[2-{}]",
-        "test_model_forward_fx_torchscript[1-{}]",
-    ],
+    "vit_tiny_patch4": _BOTH + ["test_model_default_cfgs_non_std[1-{}]"],
+    "mixmim_tiny_ft": _BOTH + ["test_model_default_cfgs[1-{}]", "test_model_forward_features[1-{}]"],
 }
 
 
@@ -255,6 +243,39 @@ def test_mixmim_pretraining_checkpoint_loads_into_the_timm_backbone(tmp_path: Pa
     assert [tuple(m.shape[1:]) for m in maps] == [(32, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
     for a, b in zip(maps, again, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, size", [("vit_tiny_patch4", 32), ("mixmim_tiny_ft", 64)])
+def test_a_fine_tuned_checkpoint_loads_into_a_headless_backbone(tmp_path: Path, name: str, size: int) -> None:
+    torch.manual_seed(0)
+    classifier = _perturbed(timm.create_model(name, num_classes=7))
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    backbone = timm.create_model(name, num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        pooled = classifier.forward_head(classifier.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(backbone.eval()(x), pooled, rtol=0, atol=0)
+
+
+def test_mixmim_stop_early_and_unpooled_head() -> None:
+    torch.manual_seed(0)
+    model = models_mixmim.mixmim_tiny_ft(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+        final, maps = model.forward_intermediates(x, indices=[1], stop_early=True)
+        pruned = models_mixmim.mixmim_tiny_ft(num_classes=5).eval()
+        pruned.load_state_dict(model.state_dict())
+        pruned.prune_intermediate_layers([1])
+        torch.testing.assert_close(pruned.forward_features(x), final, rtol=0, atol=0)
+        # the final map is where the stages stopped: stage 1's map, before the merging (as a pruned model's)
+        assert torch.equal(maps[0], full[1]) and torch.equal(final, full[1])
+        model.reset_classifier(3, "")  # no pooling: the head classifies every position of the last map
+        logits = model(x)
+    weight, bias = model.head.weight, model.head.bias
+    expected = torch.einsum("bdhw,cd->bchw", model.forward_features(x), weight) + bias[:, None, None]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_of_the_other_family_is_refused_in_one_line(tmp_path: Path) -> None:

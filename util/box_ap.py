@@ -15,6 +15,8 @@ def average_precision(
 ) -> dict[int, float]:
     """AP (0..1) per class with ground truth. ``detections``: per image ``boxes`` (n, 4) x1y1x2y2, ``scores`` (n,),
     ``labels`` (n,); ``targets``: per image ``boxes`` (m, 4) and ``labels`` (m,)."""
+    if len(detections) != len(targets):
+        raise ValueError(f"{len(detections)} images of detections but {len(targets)} of targets")
     classes = sorted({int(c) for t in targets for c in t["labels"]})
     ap = {}
     for c in classes:

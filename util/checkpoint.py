@@ -337,8 +337,8 @@ def load_pretrained_state(
         )
     logger.info("Load pre-trained checkpoint from: %s", path)
 
-    for k in ("head.weight", "head.bias"):
-        if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
+    for k in ("head.weight", "head.bias"):  # a head of another shape, or none in the model (a backbone)
+        if k in state_dict and (k not in own or state_dict[k].shape != own[k].shape):
             logger.info("Removing key %s from pretrained checkpoint", k)
             del state_dict[k]
     interpolate_pos_embed_any(model, state_dict)

@@ -24,7 +24,7 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, layer: int | N
     ``layer`` the mean over positions of that block's / stage's map (timm's ``forward_intermediates``)."""
     if layer is None:
         return model.forward_head(model.forward_features(images), pre_logits=True)
-    (feature,) = model.forward_intermediates(images, indices=[layer], intermediates_only=True)  # (B, D, h, w)
+    (feature,) = model.forward_intermediates(images, indices=[layer], stop_early=True, intermediates_only=True)
     return feature.mean(dim=(2, 3))
 
 
