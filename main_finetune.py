@@ -7,7 +7,6 @@
 
 import argparse
 import logging
-import os
 
 from torch.utils.data import Dataset
 
@@ -15,8 +14,15 @@ from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
-from util.data_stats import add_data_args, check_data_args, resolve_data_stats
-from util.datasets import build_dataset, check_num_classes, finetune_transform, image_folder, train_loader, val_loader
+from util.data_stats import add_data_args, check_data_args
+from util.datasets import (
+    build_dataset,
+    check_num_classes,
+    finetune_transform,
+    train_folder_and_stats,
+    train_loader,
+    val_loader,
+)
 from util.dist import wrap_ddp
 from util.mixup import build_criterion, build_mixup
 from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
@@ -210,12 +216,9 @@ def main(
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates a randomly initialised model")
 
-    built_train = dataset_train is None and not args.eval
-    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
-        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
-    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
-    if built_train:
-        dataset_train.transform = finetune_transform(args)
+    dataset_train, args.mean, args.std = train_folder_and_stats(
+        args, dataset_train, lambda m, s: finetune_transform(args, m, s), build=not args.eval
+    )
     if dataset_val is None:
         dataset_val = build_dataset(is_train=False, args=args)
     check_num_classes(dataset_val, args.nb_classes)

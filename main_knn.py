@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from util.amp import resolve_amp
 from util.checkpoint import load_checkpoint_file, load_pretrained_state, state_dict_of
 from util.cli import add_runtime_args, log_args, run_cli
-from util.data_stats import add_data_args, check_data_args, resolve_data_stats
-from util.datasets import eval_transform, image_folder
+from util.data_stats import add_data_args, check_data_args
+from util.datasets import eval_transform, image_folder, train_folder_and_stats
 from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.errors import UsageError
 from util.files import check_output_dir, write_atomic, write_text_atomic
@@ -108,13 +108,10 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
     log_args(args)
     seed_everything(args.seed + get_rank())  # the random initialisation, when there is no checkpoint
 
-    built_train = dataset_train is None
-    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
-        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
-    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
+    dataset_train, args.mean, args.std = train_folder_and_stats(
+        args, dataset_train, lambda m, s: eval_transform(args.input_size, args.in_chans, m, s)
+    )
     transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
-    if built_train:
-        dataset_train.transform = transform
     if dataset_val is None:
         dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)
     model = build_encoder(args, device)

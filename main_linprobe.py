@@ -18,8 +18,16 @@ from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_runtime_args, run_cli, validate_common_args
-from util.data_stats import add_data_args, check_data_args, resolve_data_stats
-from util.datasets import check_num_classes, eval_transform, image_folder, linprobe_transform, train_loader, val_loader
+from util.data_stats import add_data_args, check_data_args
+from util.datasets import (
+    check_num_classes,
+    eval_transform,
+    image_folder,
+    linprobe_transform,
+    train_folder_and_stats,
+    train_loader,
+    val_loader,
+)
 from util.dist import wrap_ddp
 from util.models import add_probe_head, build_classifier, check_buildable, compile_model, resolve_classifier_name
 from util.optim import linprobe_optimizer, scaled_lr
@@ -144,12 +152,9 @@ def main(
     ``--data_path`` (their images go to the model as they are: normalised float tensors).
     """
     device = start_run(args, check_args, writes=not args.eval)
-    built_train = dataset_train is None and not args.eval
-    if built_train:  # without its transform until the statistics are known (--data_stats auto reads the images)
-        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
-    args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
-    if built_train:
-        dataset_train.transform = linprobe_transform(args.input_size, args.in_chans, args.mean, args.std)
+    dataset_train, args.mean, args.std = train_folder_and_stats(
+        args, dataset_train, lambda m, s: linprobe_transform(args.input_size, args.in_chans, m, s), build=not args.eval
+    )
     if dataset_val is None:
         transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
         dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)

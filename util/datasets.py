@@ -284,6 +284,24 @@ def image_folder(root: str, transform, in_chans: int = 3) -> CheckedImageFolder:
     return dataset
 
 
+def train_folder_and_stats(
+    args: argparse.Namespace, dataset_train, make_transform, build: bool = True
+) -> tuple[object, list[float], list[float]]:
+    """(the training set, mean, std): ``dataset_train`` if given, else (with ``build``) the ImageFolder
+    ``data_path/train``; and the run's statistics (``util.data_stats.resolve_data_stats``). The folder is read
+    without a transform first, as ``--data_stats auto`` reads its raw images; it then gets ``make_transform(mean,
+    std)``."""
+    from util.data_stats import resolve_data_stats
+
+    built = dataset_train is None and build
+    if built:
+        dataset_train = image_folder(os.path.join(args.data_path, "train"), None, args.in_chans)
+    mean, std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
+    if built:
+        dataset_train.transform = make_transform(mean, std)
+    return dataset_train, mean, std
+
+
 def _listed_paths(list_file: str) -> list[str]:
     """The paths a list file names, one per line, relative to its folder; blank lines and ``#`` comments skipped."""
     folder = os.path.dirname(os.path.abspath(list_file))
@@ -408,14 +426,18 @@ def data_stats_of(args: argparse.Namespace) -> tuple[Sequence[float], Sequence[f
     return getattr(args, "mean", None) or IMAGENET_DEFAULT_MEAN, getattr(args, "std", None) or IMAGENET_DEFAULT_STD
 
 
-def finetune_transform(args: argparse.Namespace):
+def finetune_transform(
+    args: argparse.Namespace, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+):
     """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing.
 
     Posterize with 0 bits (RandAugment at magnitude 10) gives a black image, as it did with the Pillow of the
     official code; Pillow 13 would raise instead. For ``in_chans`` other than 3: RandomResizedCrop (timm's scale
     and ratio), flip and random erasing on tensors; RandAugment and colour jitter are PIL RGB operations, left out.
+    ``mean`` / ``std``: the statistics (default: the run's, ``data_stats_of(args)``).
     """
-    mean, std = data_stats_of(args)
+    if mean is None or std is None:
+        mean, std = data_stats_of(args)
     in_chans = getattr(args, "in_chans", 3)
     if in_chans != 3:
         if args.aa or args.color_jitter:
