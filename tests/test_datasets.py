@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
 
 from util.datasets import eval_transform, finetune_transform, normalize_on_device, pretrain_transform
 
@@ -154,3 +155,28 @@ def test_worker_random_streams_are_seeded_per_epoch_and_distinct_per_worker() ->
         for w in (0, 1):
             assert [r[source] for r in a[w]] != [r[source] for r in c[w]], (source, w)
         assert not {r[source] for r in a[0]} & {r[source] for r in a[1]}, source
+
+
+def test_the_training_folder_gets_the_runs_statistics(tmp_path) -> None:
+    """train_folder_and_stats: --data_stats auto reads the folder's raw pixels, and the folder's transform then
+    normalises with what was estimated: a pixel comes out as (value / 255 - mean) / std of that channel."""
+    from train_utils import make_image_folder
+
+    from util.datasets import train_folder_and_stats
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=1, size=32)
+    args = argparse.Namespace(data_path=str(data), in_chans=3, mean=None, std=None, data_stats="auto", seed=0,
+                              resume="", finetune="")  # fmt: skip
+    to_tensor_then_normalize = lambda m, s: transforms.Compose([transforms.ToTensor(), transforms.Normalize(m, s)])  # noqa: E731
+    dataset, mean, std = train_folder_and_stats(args, None, to_tensor_then_normalize)
+    pixels = np.stack(
+        [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path, _ in dataset.samples]
+    )
+    np.testing.assert_allclose(mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)  # (N, H, W, 3): per channel
+    np.testing.assert_allclose(std, pixels.std(axis=(0, 1, 2)), rtol=1e-5)
+    image, _ = dataset[0]
+    expected = (pixels[0] - np.array(mean)) / np.array(std)  # (H, W, 3)
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    given = object()  # a dataset the caller built keeps its own transform
+    assert train_folder_and_stats(argparse.Namespace(**{**vars(args), "data_stats": None}), given, None)[0] is given
