@@ -117,7 +117,9 @@ def _collate(batch: list) -> tuple[list, list]:
 
 def backbone_features(args: argparse.Namespace, checkpoint: str | None) -> torch.nn.Module:
     """timm's ``features_only`` backbone of ``--model`` (every block), from ``checkpoint`` or random weights."""
-    kwargs = dict(features_only=True, out_indices=tuple(range(len(timm.create_model(args.model).feature_info))))
+    with torch.device("meta"):  # only to count the blocks
+        blocks = len(timm.create_model(args.model).feature_info)
+    kwargs = dict(features_only=True, out_indices=tuple(range(blocks)))
     if checkpoint:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
     return timm.create_model(args.model, img_size=args.input_size, **kwargs)
