@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from engine_finetune import evaluate, fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
-from util.cli import add_runtime_args, run_cli, validate_common_args
+from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import (
     build_dataset,
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="Name of model to train (vit_* or mixmim_*)",
     )
-    parser.add_argument("--input_size", default=224, type=int, help="images input size")
+    add_input_size_arg(parser)
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="Drop path rate (default: 0.1)")
 
     # Optimizer parameters

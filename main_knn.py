@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from util.amp import resolve_amp
-from util.checkpoint import load_checkpoint_file, load_pretrained_state, state_dict_of
-from util.cli import add_runtime_args, log_args, run_cli
+from util.checkpoint import checkpoint_grid, load_checkpoint_file, load_pretrained_state, state_dict_of
+from util.cli import add_input_size_arg, add_runtime_args, log_args, resolve_input_size, run_cli
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import eval_transform, image_folder, train_folder_and_stats
 from util.dist import get_rank, init_distributed_mode, is_main_process
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=128, type=int, help="images per process per forward")
     parser.add_argument("--model", default="vit_base_patch16", type=str, help="the classifier (or its pretraining "
                         "model's) name: vit_* / mae_vit_* / mixmim_*")  # fmt: skip
-    parser.add_argument("--input_size", default=224, type=int)
+    add_input_size_arg(parser)
     parser.add_argument("--finetune", default="", help="checkpoint to evaluate (empty: random initialisation)")
     parser.add_argument(
         "--global_pool",
@@ -76,6 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.finetune and not os.path.isfile(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist")
     args.model_name = resolve_classifier_name(args.model)
+    resolve_input_size(args)
     check_data_args(args)
     check_buildable(args.model_name, args.input_size, args.in_chans)
     for path, flag in ((args.output_dir, "--output_dir"), (args.save_features, "--save_features")):
@@ -84,13 +85,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The classifier of ``--model`` with ``--finetune``'s weights; its head is not used."""
-    state = state_dict_of(load_checkpoint_file(args.finetune)) if args.finetune else {}
+    checkpoint = load_checkpoint_file(args.finetune) if args.finetune else {}
+    state = state_dict_of(checkpoint) if args.finetune else {}
     global_pool = args.global_pool
     if global_pool is None:  # a global-pool fine-tuned checkpoint has fc_norm instead of the final norm
         global_pool = "fc_norm.weight" in state and "norm.weight" not in state
     model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device, args.in_chans)
     if args.finetune:
-        load_pretrained_state(model, state, args.finetune, head_init_std=None)
+        load_pretrained_state(model, state, args.finetune, head_init_std=None, grid=checkpoint_grid(checkpoint))
     layers = len(model.feature_info)  # ViT: its blocks, MixMIM: its stages
     if args.layer is not None and not 0 <= args.layer < layers:
         raise UsageError(

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from engine_pretrain import fit
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
-from util.cli import add_runtime_args, run_cli, validate_common_args
+from util.cli import add_input_size_arg, add_runtime_args, resolve_input_size, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.datasets import eval_transform, image_folder, pretrain_dataset, pretrain_transform, train_loader
 from util.dist import wrap_ddp
@@ -60,8 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="Name of model to train (mae_vit_* or mixmim_*)",
     )
-    parser.add_argument("--input_size", default=224, type=int, nargs="+", metavar="SIZE",
-                        help="images input size: one side, or H W (MAE only) for non-square images")  # fmt: skip
+    add_input_size_arg(parser)
     parser.add_argument(
         "--mask_ratio",
         default=None,
@@ -146,10 +145,7 @@ def resolve_args(args: argparse.Namespace) -> None:
     """The registered model name, the input size (an int for a square, else [H, W]), and the model family's
     official defaults for the flags left unset."""
     args.model_name = resolve_pretrain_name(args.model)
-    sizes = [args.input_size] if isinstance(args.input_size, int) else list(args.input_size)
-    if len(sizes) not in (1, 2):
-        raise UsageError(f"--input_size takes one side or H W, got {len(sizes)} values")
-    args.input_size = sizes[0] if len(set(sizes)) == 1 else sizes
+    resolve_input_size(args)
     defaults = family_defaults(args.model_name)
     if args.mask_ratio is None:
         args.mask_ratio = defaults.mask_ratio
@@ -168,8 +164,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
         raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
-    if args.knn_freq and not isinstance(args.input_size, int):
-        raise UsageError("--knn_freq needs a square --input_size (the classifier it evaluates takes square images)")
     check_data_args(args)
     check_buildable(args.model_name, args.input_size, args.in_chans)
 

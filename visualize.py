@@ -21,6 +21,7 @@ normalised (so a patch's brightness comes from the original; its content from th
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -197,7 +198,7 @@ def save_reconstructions(
 def load_pretrain_checkpoint(
     path: str,
     model_name: str | None = None,
-    input_size: int | None = None,
+    input_size: int | Sequence[int] | None = None,
     norm_pix_loss: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
@@ -225,7 +226,10 @@ def load_pretrain_checkpoint(
         import timm
 
         size = model_input_size(timm.create_model(model_name, **kwargs))
-    size = int(size) if isinstance(size, int | float | str) else tuple(int(v) for v in size)  # a side, or [H, W]
+    size = (int(size),) if isinstance(size, int | float | str) else tuple(int(v) for v in size)  # a side, or H W
+    if len(size) not in (1, 2):
+        raise UsageError(f"--input_size takes one side or H W, got {len(size)} values")
+    size = size[0] if len(set(size)) == 1 else size
     model = build_pretrain_model(model_name, size, torch.device(device), **kwargs)
     load_model_strict(model, state_dict_of(checkpoint), path)
     model.data_stats = checkpoint.get("data_stats")  # the statistics it was trained with (ours), or None
@@ -290,7 +294,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE / MixMIM reconstructions", add_help=False)
     parser.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours or official, with decoder)")
     parser.add_argument("--model", default=None, help="pretraining model name (default: from the checkpoint)")
-    parser.add_argument("--input_size", default=None, type=int, help="default: from the checkpoint or the model")
+    parser.add_argument("--input_size", default=None, type=int, nargs="+", metavar="SIZE",
+                        help="a side, or H W (default: from the checkpoint or the model)")  # fmt: skip
     parser.add_argument(
         "--norm_pix_loss",
         default=None,

@@ -94,11 +94,17 @@ def test_main_knn_on_two_ranks_equals_one_process(tmp_path: Path, model: str, ki
         torch.testing.assert_close(a[key].norm(dim=1), torch.ones(len(a[key])), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("pre, clf", [("mae_vit_tiny_patch4", "vit_tiny_patch4"), ("mixmim_tiny", "mixmim_tiny")])
-def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path, pre: str, clf: str, monkeypatch):
+@pytest.mark.parametrize(
+    "pre, clf, size",
+    [("mae_vit_tiny_patch4", "vit_tiny_patch4", 32), ("mixmim_tiny", "mixmim_tiny", 32),
+     ("mae_vit_tiny_patch4", "vit_tiny_patch4", [32, 48])],
+)  # fmt: skip
+def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(
+    tmp_path: Path, pre: str, clf: str, size, monkeypatch
+):
     """--knn_freq 1: every epoch's log line and TensorBoard get the k-NN of the encoder; the last one (its features
     and its accuracy) equals main_knn.py on the checkpoint that epoch wrote (a separate path: the weights go
-    through the file)."""
+    through the file). Also for non-square images (--input_size 32 48)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from train_utils import tiny_run_args
 
@@ -110,7 +116,7 @@ def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path
     args = parse(
         main_pretrain.get_args_parser(), **tiny_run_args(data, out, model=pre, epochs=2, warmup_epochs=1, knn_freq=1)
     )
-    args.nb_knn = [3]
+    args.nb_knn, args.input_size = [3], size
     seen = []
     real = util.knn.knn_accuracy
     monkeypatch.setattr(util.knn, "knn_accuracy", lambda *a, **k: (seen.append(a[0].clone()), real(*a, **k))[1])
@@ -123,10 +129,10 @@ def test_knn_during_pretraining_equals_main_knn_on_the_checkpoint(tmp_path: Path
     assert [e.step for e in events.Scalars("knn/knn_k3_acc1")] == [0, 1]
 
     kargs = parse(
-        main_knn.get_args_parser(), model=clf, finetune=out / "checkpoint-last.pth", data_path=data, input_size=32,
+        main_knn.get_args_parser(), model=clf, finetune=out / "checkpoint-last.pth", data_path=data,
         batch_size=4, device="cpu", num_workers=0, save_features=tmp_path,
     )  # fmt: skip
-    kargs.nb_knn = [3]
+    kargs.nb_knn, kargs.input_size = [3], size
     assert main_knn.main(kargs) == {k: lines[-1][k] for k in ("knn_k3_acc1", "knn_k3_acc5")}
     saved = torch.load(tmp_path / "features.pt", weights_only=True)["train_features"]
     torch.testing.assert_close(seen[-1], saved, rtol=0, atol=1e-6)

@@ -10,14 +10,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_utils import parse, tiny_run_args
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from train_utils import make_image_folder, parse, tiny_run_args
 
+import main_finetune
 import main_knn
 import main_linprobe
 import main_pretrain
 from util.checkpoint import load_pretrained
 from util.data_stats import estimate_data_stats
-from util.datasets import CheckedLoader, load_tensor, pretrain_dataset, pretrain_transform, train_loader
+from util.datasets import (
+    CheckedLoader,
+    ResizeToCover,
+    eval_transform,
+    load_tensor,
+    pretrain_dataset,
+    pretrain_transform,
+    train_loader,
+)
 from util.errors import BadImageError, UsageError
 from util.models import build_classifier, build_pretrain_model
 
@@ -294,6 +307,92 @@ def test_mixmim_says_which_sizes_it_takes(tmp_path: Path, size: str, message: st
         argv += [f"--{k}", *str(v).split()]
     with pytest.raises(UsageError, match=message):
         main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("width, height, resized", [(100, 60, (73, 43)), (200, 50, (144, 36)), (60, 100, (73, 121))])
+def test_the_rectangular_eval_transform_covers_then_crops_the_center(width: int, height: int, resized) -> None:
+    """--input_size 32 64 (longer side <= 224: crop_pct 224/256): the image is resized, keeping its ratio, to the
+    smallest size covering floor(32 / 0.875) x floor(64 / 0.875) = 36 x 73 (H x W), the other side truncated as
+    torchvision's Resize truncates the longer one (100 x 60: 73 / 100 > 36 / 60, so 73 wide, int(60 * 0.73) = 43
+    high), then its center 32 x 64 is cut (torchvision's rounding of the offsets)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    transform = eval_transform((32, 64))
+    resize, crop, to_tensor, normalize = transform.transforms
+    assert resize(img).size == resized  # PIL: (W, H)
+    top, left = int(round((resized[1] - 32) / 2)), int(round((resized[0] - 64) / 2))
+    expected = np.asarray(img.resize(resized, Image.BICUBIC))[top : top + 32, left : left + 64]
+    np.testing.assert_array_equal(np.asarray(crop(resize(img))), expected)
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    reference = (torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(transform(img), reference, rtol=0, atol=1e-5)
+
+    # the same geometry on the tensors of other channel counts
+    x = torch.rand(5, height, width)
+    got = eval_transform((32, 64), 5, [0.0] * 5, [1.0] * 5)(x)
+    scaled = TF.resize(x, [resized[1], resized[0]], InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(got, scaled[:, top : top + 32, left : left + 64], rtol=0, atol=1e-6)
+
+
+def test_the_eval_resize_to_a_square_is_the_official_one_and_crop_pct_follows_the_longer_side() -> None:
+    rng = np.random.default_rng(1)
+    for w, h in ((100, 60), (60, 100)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        np.testing.assert_array_equal(
+            np.asarray(ResizeToCover((36, 36))(img)), np.asarray(transforms.Resize(36, InterpolationMode.BICUBIC)(img))
+        )
+        torch.testing.assert_close(eval_transform([32, 32])(img), eval_transform(32)(img), rtol=0, atol=0)
+    assert eval_transform((224, 448)).transforms[0].size == (224, 448)  # 448 > 224: no margin, as 384 officially
+    assert eval_transform((112, 224)).transforms[0].size == (128, 256)  # 224 / (224 / 256) = 256
+
+
+def resized_grid(embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Reference: the grid tokens of (1, 1 + Gh*Gw, D), row-major, as a D-channel Gh x Gw image resized by torch's
+    bicubic (the official rule), the cls row kept."""
+    image = embed[0, 1:].T.reshape(embed.shape[-1], *old)
+    out = torch.nn.functional.interpolate(image[None], size=new, mode="bicubic", align_corners=False)[0]
+    return torch.cat([embed[:, :1], out.reshape(embed.shape[-1], -1).T[None]], dim=1)
+
+
+def test_non_square_vit_fine_tuning_and_linear_probing_from_a_square_checkpoint(tmp_path: Path, caplog) -> None:
+    """A square 32 px MAE checkpoint (no recorded size, as the official ones) into ViTs for 32 x 48 images: the
+    8 x 8 position grid is resized to 8 x 12 (the linear probe keeps it frozen, so its checkpoint holds exactly
+    that); fine-tuning trains, records [32, 48], and --eval of its checkpoint gives its accuracy. That checkpoint
+    records its grid, so loading it for 48 x 32 images (as many positions, 12 x 8) resizes 8 x 12 -> 12 x 8."""
+    torch.manual_seed(0)
+    source = build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()
+    source["pos_embed"] = torch.randn_like(source["pos_embed"])  # not the sin-cos table: any layout error shows
+    torch.save({"model": source}, tmp_path / "square.pth")
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, val_per_class=2, size=52)
+    common = dict(model="vit_tiny_patch4", epochs=1, warmup_epochs=0, nb_classes=2, finetune=tmp_path / "square.pth")
+
+    lp = parse(main_linprobe.get_args_parser(), **tiny_run_args(data, tmp_path / "lp", **common))
+    lp.input_size = [32, 48]
+    main_linprobe.main(lp)
+    probed = torch.load(tmp_path / "lp" / "checkpoint-last.pth", weights_only=False)["model"]["pos_embed"]
+    torch.testing.assert_close(probed, resized_grid(source["pos_embed"], (8, 8), (8, 12)), rtol=0, atol=1e-5)
+
+    ft = parse(main_finetune.get_args_parser(), **tiny_run_args(data, tmp_path / "ft", **common))
+    ft.input_size = [32, 48]
+    trained = main_finetune.main(ft)
+    assert json.loads((tmp_path / "ft" / "args.json").read_text())["input_size"] == [32, 48]
+    ckpt = tmp_path / "ft" / "checkpoint-last.pth"
+    ev = parse(main_finetune.get_args_parser(), **tiny_run_args(data, tmp_path / "ev", model="vit_tiny_patch4",
+               nb_classes=2, eval=True, resume=ckpt))  # fmt: skip
+    ev.input_size = [32, 48]
+    evaluated = main_finetune.main(ev)
+    assert evaluated["acc1"] == trained["acc1"] and evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+
+    tuned = torch.load(ckpt, weights_only=False)["model"]["pos_embed"]  # (1, 1 + 8 * 12, D), trained
+    turned = build_classifier("vit_tiny_patch4", (48, 32), 2, 0.0, True)
+    load_pretrained(turned, str(ckpt))
+    torch.testing.assert_close(turned.pos_embed.detach(), resized_grid(tuned, (8, 12), (12, 8)), rtol=0, atol=1e-5)
+
+    with caplog.at_level(logging.WARNING):  # 64 positions: an 8 x 8 grid, or the model's 4 x 16; nothing says which
+        load_pretrained(build_classifier("vit_tiny_patch4", (16, 64), 2, 0.0, False), str(tmp_path / "square.pth"))
+    assert any("taken as 4x16" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UsageError, match="takes square images only"):
+        build_classifier("mixmim_tiny", (64, 96), 2, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ continued pretraining

@@ -271,15 +271,29 @@ def load_resume(
 # ----------------------------------------------------------------------------- pretrained weights
 
 
-def interpolate_pos_embed_any(model: nn.Module, state_dict: dict) -> None:
+def interpolate_pos_embed_any(model: nn.Module, state_dict: dict, grid: tuple[int, int] | None = None) -> None:
     """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model`` (an MAE's
-    decoder position embedding too)."""
+    decoder position embedding too). ``grid``: the checkpoint's patch grid (Gh, Gw) when known (ViT / MAE)."""
     if family_of(model) == "mixmim":
         pos_embed.interpolate_pos_embed_mixmim(model, state_dict)
     else:
-        pos_embed.interpolate_pos_embed(model, state_dict)
+        pos_embed.interpolate_pos_embed(model, state_dict, orig_grid=grid)
         if hasattr(model, "decoder_pos_embed"):
-            pos_embed.interpolate_pos_embed(model, state_dict, key="decoder_pos_embed")
+            pos_embed.interpolate_pos_embed(model, state_dict, key="decoder_pos_embed", orig_grid=grid)
+
+
+def checkpoint_grid(checkpoint: dict) -> tuple[int, int] | None:
+    """The patch grid (Gh, Gw) of a ViT / MAE checkpoint that records its input size (ours, in ``args``), from that
+    size and its patch embedding's patch; None when it does not say."""
+    saved = checkpoint.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    size = saved.get("input_size") if isinstance(saved, dict) else None
+    weight = state_dict_of(checkpoint).get(PATCH_EMBED_WEIGHT)
+    if size is None or weight is None or weight.ndim != 4:
+        return None
+    h, w = (size, size) if isinstance(size, int) else size
+    patch = weight.shape[-1]
+    return int(h) // patch, int(w) // patch
 
 
 PATCH_EMBED_WEIGHT = "patch_embed.proj.weight"  # (D, C, p, p) in both families
@@ -321,14 +335,22 @@ def load_pretrained(
     model (``--finetune`` in pretraining: continued pretraining) the same adaptations are made, everything that
     fits is loaded and the rest reported; a checkpoint without a decoder leaves the model's decoder as initialised.
     """
-    return load_pretrained_state(model, state_dict_of(load_checkpoint_file(path)), path, head_init_std, classifier)
+    checkpoint = load_checkpoint_file(path)
+    grid = checkpoint_grid(checkpoint)
+    return load_pretrained_state(model, state_dict_of(checkpoint), path, head_init_std, classifier, grid)
 
 
 def load_pretrained_state(
-    model: nn.Module, state_dict: dict, path: str, head_init_std: float | None = 2e-5, classifier: bool = True
+    model: nn.Module,
+    state_dict: dict,
+    path: str,
+    head_init_std: float | None = 2e-5,
+    classifier: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[list[str], list[str]]:
     """``load_pretrained`` of a state dict in memory (``path`` names its source in messages); ``state_dict`` is
-    changed in place (head dropped, position embeddings resized)."""
+    changed in place (head dropped, position embeddings resized). ``grid``: its patch grid (Gh, Gw) when known
+    (else square, or the model's when the sizes match: ``interpolate_pos_embed``)."""
     own = model.state_dict()
     ck_family, own_family = family_of_state_dict(state_dict), family_of(model)
     if ck_family and ck_family != own_family:
@@ -341,7 +363,7 @@ def load_pretrained_state(
         if k in state_dict and (k not in own or state_dict[k].shape != own[k].shape):
             logger.info("Removing key %s from pretrained checkpoint", k)
             del state_dict[k]
-    interpolate_pos_embed_any(model, state_dict)
+    interpolate_pos_embed_any(model, state_dict, grid)
     adapt_patch_embed(model, state_dict, path)
 
     own_keys = set(own)

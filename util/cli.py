@@ -77,14 +77,30 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
     )
 
 
+def add_input_size_arg(parser: argparse.ArgumentParser, default: int = 224, help: str = "images input size") -> None:
+    """``--input_size S`` (the official flag: a square side) or ``--input_size H W`` (MAE / ViT only)."""
+    parser.add_argument("--input_size", default=default, type=int, nargs="+", metavar="SIZE",
+                        help=f"{help}: a side S, or H W for non-square images (MAE / ViT)")  # fmt: skip
+
+
+def resolve_input_size(args: argparse.Namespace) -> None:
+    """``args.input_size`` as the models and transforms take it: an int for a square (``--input_size S`` or
+    ``S S``), else [H, W]."""
+    sizes = [args.input_size] if isinstance(args.input_size, int) else [int(v) for v in args.input_size]
+    if len(sizes) not in (1, 2):
+        raise UsageError(f"--input_size takes one side or H W, got {len(sizes)} values")
+    if min(sizes) < 1:
+        raise UsageError(f"--input_size must be positive, got {' '.join(map(str, sizes))}")
+    args.input_size = sizes[0] if len(set(sizes)) == 1 else sizes
+
+
 def validate_common_args(args: argparse.Namespace) -> None:
     """One-line errors for arguments that cannot work, before any work is done."""
     for name in ("batch_size", "accum_iter", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    sizes = getattr(args, "input_size", 1)
-    if min([sizes] if isinstance(sizes, int) else sizes) < 1:  # a side, or [H, W] (MAE pretraining)
-        raise UsageError(f"--input_size must be positive, got {args.input_size}")
+    if hasattr(args, "input_size"):
+        resolve_input_size(args)
     if getattr(args, "save_freq", 1) < 1:
         raise UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
     if getattr(args, "dist_timeout", None) is not None and args.dist_timeout <= 0:

@@ -34,6 +34,7 @@ from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from util.crop import RandomResizedCrop
 from util.dist import all_reduce_mean, get_rank, get_world_size
@@ -389,18 +390,52 @@ def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tens
     )
 
 
+class ResizeToCover:
+    """Resize, keeping the aspect ratio, to the smallest image that covers ``size`` (H, W): the longer-relative side
+    is truncated as ``transforms.Resize(int)`` truncates the longer side (timm's ``ResizeKeepRatio`` for center
+    crops). PIL images and (C, H, W) tensors."""
+
+    def __init__(self, size: Sequence[int], interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size, self.interpolation = (int(size[0]), int(size[1])), interpolation
+
+    def __call__(self, img):
+        _, h, w = TF.get_dimensions(img)
+        th, tw = self.size
+        if th * w >= tw * h:  # the height binds: th / h >= tw / w
+            new = (th, max(tw, int(w * th / h)))
+        else:
+            new = (max(th, int(h * tw / w)), tw)
+        return TF.resize(img, list(new), self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+
+
 def eval_transform(
-    input_size: int,
+    input_size: int | Sequence[int],
     in_chans: int = 3,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> transforms.Compose:
-    """Resize to keep the 224/256 ratio (no crop margin above 224), center crop, normalise: the official eval."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    size = int(input_size / crop_pct)
-    resize_crop = [transforms.Resize(size, interpolation=InterpolationMode.BICUBIC), transforms.CenterCrop(input_size)]
+    """Resize to keep the 224/256 ratio (no crop margin above 224), center crop, normalise: the official eval.
+
+    ``input_size``: a side S (the official transform: shorter side to S / crop_pct, center S x S crop), or (H, W):
+    the image resized, keeping its aspect ratio, to cover (H / crop_pct, W / crop_pct), then the center H x W crop;
+    crop_pct is 224/256 when the longer side H or W is at most 224, else 1.
+    """
+    if not isinstance(input_size, int) and input_size[0] == input_size[1]:
+        input_size = int(input_size[0])
+    if isinstance(input_size, int):
+        crop_pct = 224 / 256 if input_size <= 224 else 1.0
+        resize = transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC)
+        crop = transforms.CenterCrop(input_size)
+    else:
+        h, w = input_size
+        crop_pct = 224 / 256 if max(h, w) <= 224 else 1.0
+        resize = ResizeToCover((int(h / crop_pct), int(w / crop_pct)), InterpolationMode.BICUBIC)
+        crop = transforms.CenterCrop((h, w))
     to_tensor = [transforms.ToTensor()] if in_chans == 3 else []  # other counts are tensors already
-    return transforms.Compose([*resize_crop, *to_tensor, transforms.Normalize(mean, std)])
+    return transforms.Compose([resize, crop, *to_tensor, transforms.Normalize(mean, std)])
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -467,7 +502,7 @@ def finetune_transform(
 
 
 def linprobe_transform(
-    input_size: int,
+    input_size: int | Sequence[int],
     in_chans: int = 3,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,

@@ -132,7 +132,7 @@ class PretrainingKNN:
     def __init__(
         self,
         model_name: str,
-        input_size: int,
+        input_size: int | tuple[int, int],
         train: Dataset,
         val: Dataset,
         ks: list[int],
@@ -154,8 +154,10 @@ class PretrainingKNN:
         from util.checkpoint import load_pretrained_state
         from util.models import unwrap
 
-        state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-        load_pretrained_state(self.encoder, state, "the pretraining model", head_init_std=None)
+        source = unwrap(model)
+        state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+        grid = tuple(source.patch_embed.grid_size) if hasattr(source.patch_embed, "grid_size") else None
+        load_pretrained_state(self.encoder, state, "the pretraining model", head_init_std=None, grid=grid)
         args = (self.batch_size, self.device, self.amp, self.num_workers)
         train_f, train_l = extract_features(self.encoder, self.train, *args)
         val_f, val_l = extract_features(self.encoder, self.val, *args)

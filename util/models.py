@@ -180,18 +180,20 @@ def _input_stride(model: nn.Module) -> int:
 
 
 def _create(name: str, input_size: int | tuple[int, int], device: torch.device | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with one-line errors. ``input_size``: a side, or (H, W) (MAE pretraining only). For
+    """``timm.create_model`` with one-line errors. ``input_size``: a side, or (H, W) (MAE and ViT only). For
     MixMIM on a known ``device`` the attention path is fixed here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with
     a float bias runs its math kernel, measured slower); MAE keeps timm's choice."""
     if not isinstance(input_size, int):
         h, w = input_size
         if h == w:
             input_size = h
-        elif family_of(name) == "mixmim" or not is_pretrain_name(name):
+        elif family_of(name) == "mixmim":
             raise UsageError(
                 f"--model {name} takes square images only: --input_size S, S a multiple of its stride "
-                f"(non-square --input_size H W is for MAE pretraining)"
+                f"(its windows are fixed per stage; non-square --input_size H W is for MAE / ViT)"
             )
+        else:
+            input_size = (int(h), int(w))
     if device is not None and family_of(name) == "mixmim":
         kwargs.setdefault("fused_attn", torch.device(device).type == "cuda")
     shown = input_size if isinstance(input_size, int) else " ".join(map(str, input_size))
@@ -230,7 +232,7 @@ def build_pretrain_model(
 
 def build_classifier(
     name: str,
-    input_size: int,
+    input_size: int | tuple[int, int],
     num_classes: int,
     drop_path_rate: float,
     global_pool: bool | None = None,

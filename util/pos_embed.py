@@ -53,29 +53,45 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
 
 
-def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict, key: str = "pos_embed") -> None:
+def interpolate_pos_embed(
+    model: torch.nn.Module, checkpoint_model: dict, key: str = "pos_embed", orig_grid: tuple[int, int] | None = None
+) -> None:
     """Resize a ViT checkpoint's ``pos_embed`` (or ``key``, e.g. an MAE's ``decoder_pos_embed``) in place to the
-    model's patch grid, bicubically; the checkpoint's grid is square, the model's may be rectangular (Gh, Gw).
+    model's patch grid (Gh, Gw), bicubically, keeping the extra tokens (cls) unchanged.
 
-    The extra tokens (cls) are kept unchanged; only the G*G grid entries are interpolated.
+    ``orig_grid``: the checkpoint's grid (Gh0, Gw0), when known (our checkpoints record their input size). Else, as
+    the official function, a square grid; but a checkpoint with as many positions as the model is taken to share
+    its grid (a non-square checkpoint into a model of its own size), and one whose positions make no square is left
+    for the load to report as a shape mismatch.
     """
     if key not in checkpoint_model:
         return
-    pos_embed_checkpoint = checkpoint_model[key]  # (1, E + G0*G0, D)
+    pos_embed_checkpoint = checkpoint_model[key]  # (1, E + Gh0*Gw0, D)
     embedding_size = pos_embed_checkpoint.shape[-1]
     num_patches = model.patch_embed.num_patches
     side = int(num_patches**0.5)
-    gh, gw = getattr(model.patch_embed, "grid_size", (side, side))
+    gh, gw = tuple(getattr(model.patch_embed, "grid_size", (side, side)))
     num_extra_tokens = getattr(model, key).shape[-2] - num_patches
-    orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
-    if (orig_size, orig_size) == (gh, gw):
-        return
-    if orig_size**2 != pos_embed_checkpoint.shape[-2] - num_extra_tokens:
-        return  # not a square grid: left for the load to report as a shape mismatch
-    logger.info("%s: interpolate from %dx%d to %dx%d", key, orig_size, orig_size, gh, gw)
+    orig_patches = pos_embed_checkpoint.shape[-2] - num_extra_tokens
+    if orig_grid is None:
+        orig_size = int(round(orig_patches**0.5))
+        if orig_patches == num_patches:
+            orig_grid = (gh, gw)
+            if gh != gw and orig_size**2 == orig_patches:
+                logger.warning("%s: %d positions, as many as the model's %dx%d grid and a %dx%d one; taken as %dx%d "
+                               "(the checkpoint does not record its input size)", key, orig_patches, gh, gw,
+                               orig_size, orig_size, gh, gw)  # fmt: skip
+        elif orig_size**2 == orig_patches:
+            orig_grid = (orig_size, orig_size)
+        else:
+            return  # not a square grid: left for the load to report as a shape mismatch
+    oh, ow = (int(v) for v in orig_grid)
+    if oh * ow != orig_patches or (oh, ow) == (gh, gw):
+        return  # a grid that does not fit the checkpoint is left for the load to report; the model's: nothing to do
+    logger.info("%s: interpolate from %dx%d to %dx%d", key, oh, ow, gh, gw)
     extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]  # (1, E, D)
     pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
-    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)  # (1, D, G0, G0)
+    pos_tokens = pos_tokens.reshape(-1, oh, ow, embedding_size).permute(0, 3, 1, 2)  # (1, D, Gh0, Gw0)
     pos_tokens = F.interpolate(pos_tokens.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(
         pos_embed_checkpoint.dtype
     )
