@@ -184,7 +184,9 @@ def _create(name: str, input_size: int | tuple[int, int], device: torch.device |
     MixMIM on a known ``device`` the attention path is fixed here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with
     a float bias runs its math kernel, measured slower); MAE keeps timm's choice."""
     if not isinstance(input_size, int):
-        h, w = input_size
+        if len(input_size) not in (1, 2):
+            raise UsageError(f"--input_size takes one side or H W, got {len(input_size)} values")
+        h, w = input_size[0], input_size[-1]
         if h == w:
             input_size = h
         elif family_of(name) == "mixmim":
