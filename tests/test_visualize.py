@@ -70,6 +70,26 @@ def test_mae_panels(tmp_path, official):
     assert diff.max() <= 1  # normalised and back: at most a rounding step
 
 
+def test_a_non_square_official_style_checkpoint_with_input_size_h_w(tmp_path):
+    """--input_size 32 48 builds the MAE for 32 x 48 (the checkpoint's 8 x 12 position grid loads strictly); the first
+    tile is the image resized straight to 48 x 32 (W x H), as the notebook resizes to 224 x 224."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4(img_size=(32, 48))
+    images = _write_images(tmp_path, 2)
+    paths = _run(tmp_path, {"model": model.state_dict()}, images, "--model", "mae_vit_tiny_patch4",
+                 "--input_size", "32", "48", "--scale", "2")  # fmt: skip
+    for p in paths:
+        assert Image.open(p).size == visualize.panel_size(32, 48, 2) == (4 * 96 + 5 * 4, 14 + 64 + 8)
+    top = visualize.TITLE_HEIGHT + visualize.GAP
+    tile = Image.open(paths[1]).crop((visualize.GAP, top, visualize.GAP + 96, top + 64))
+    expected = Image.open(images[1]).convert("RGB").resize((48, 32), Image.BICUBIC).resize((96, 64), Image.NEAREST)
+    diff = np.abs(np.asarray(tile, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert diff.max() <= 1
+    with pytest.raises(visualize.UsageError, match="one side or H W, got 3 values"):
+        _run(tmp_path, {"model": model.state_dict()}, images, "--model", "mae_vit_tiny_patch4",
+             "--input_size", "32", "48", "64")  # fmt: skip
+
+
 def test_mae_reconstruct_invariants():
     torch.manual_seed(0)
     model = models_mae.mae_vit_tiny_patch4()
