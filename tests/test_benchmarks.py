@@ -149,3 +149,50 @@ def test_flops_only_names_the_model_it_cannot_count(restore_log_levels) -> None:
     argv = ["--flops-only", "--models", "mae_vit_nope"]
     with pytest.raises(SystemExit, match="cannot count mae_vit_nope: unknown --model 'mae_vit_nope'"):
         bench_train.main(bench_train.get_args_parser().parse_args(argv))
+
+
+def test_gpu_summary_takes_the_best_engine_loop_against_the_official_step(tmp_path: Path) -> None:
+    """benchmarks/gpu_summary.py: speed-up = the faster of our eager / compiled engine loops over the official step;
+    MFU = that rate x FLOPs per image / peak; the junit's failures and recorded properties are kept."""
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir(), out.mkdir()
+
+    def row(compiled: bool, loop: str, ips: float) -> dict:
+        return {"model": "mae_vit_base_patch16", "batch": 128, "compile": compiled, "loop": loop, "images_per_s": ips,
+                "gflops_per_image": 58.5, "peak_mem_gib": 20.0 if compiled else 30.0}  # fmt: skip
+
+    (raw / "bench_eager.json").write_text(
+        json.dumps({"results": [row(False, "step", 3000), row(False, "engine", 2900)]})
+    )
+    (raw / "bench_compiled.json").write_text(
+        json.dumps({"results": [row(True, "step", 4200), row(True, "engine", 4000)]})
+    )
+    official = {"model": "mae_vit_base_patch16", "batch": 128, "images_per_s": 1000.0}
+    (raw / "official_mae.json").write_text(json.dumps({"results": [official, {"model": "x", "error": "boom"}]}))
+    (raw / "steps.jsonl").write_text('{"step": "bench_eager", "status": "ok", "seconds": 50}\n')
+    (out / "cuda_tests.xml").write_text(
+        '<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0" time="3.5">'
+        '<testcase name="test_a" time="1.0"><properties><property name="grad_rel_l2_err" value="0.01"/></properties>'
+        '</testcase><testcase name="test_b" time="2.5"><failure message="too far">x</failure></testcase>'
+        "</testsuite></testsuites>"
+    )
+    import sys
+
+    argv, sys.argv = sys.argv, ["gpu_summary.py", str(raw), str(out), "--peak-tflops", "989"]
+    try:
+        summary.main()
+    finally:
+        sys.argv = argv
+    result = json.loads((out / "summary.json").read_text())
+    verdict = result["verdicts"][0]
+    assert verdict["speedup"] == pytest.approx(4.0) and verdict["speedup_met"] is True
+    assert verdict["mfu"] == pytest.approx(4000 * 58.5e9 / 989e12) and verdict["mfu_met"] is False  # 23.7% < 35%
+    tests = result["cuda_tests"]
+    assert (tests["tests"], tests["failures"]) == (2, 1)
+    assert tests["cases"][0]["properties"] == {"grad_rel_l2_err": "0.01"} and tests["cases"][1]["message"] == "too far"
+    md = (out / "summary.md").read_text()
+    assert "| `mae_vit_base_patch16` | 128 | 3000 | 2900 | 4200 | 4000 | 1000 | 4.00x | 23.7% | 35% | 30.0 |" in md
+    assert "- x: boom" in md

@@ -1,0 +1,245 @@
+"""The GPU path: mixed precision against fp32, MixMIM's SDPA attention against the plain one, compiled against
+eager, fused AdamW against the foreach one, the scripts end to end with resume, and no host synchronisation
+between progress lines. ``pytest -m cuda`` selects these (``benchmarks/gpu_check.sh`` runs them on a GPU machine);
+without CUDA they skip. ``CUDA_TESTS_ON_CPU=1`` runs the same logic on the CPU (a dry run of the checks before a
+GPU visit; the sync check needs CUDA and still skips).
+
+Tolerances are stated per check. Each test also records what it measured (``record_property``: the junit XML of
+gpu_check.sh keeps the figures). Mixed precision is compared on the loss and on the whole gradient vector
+(relative L2 error ``|g - g32| / |g32|``), since single small entries of a low-precision gradient are noise.
+"""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import make_image_folder, parse, tiny_run_args
+
+import engine_pretrain
+import main_finetune
+import main_linprobe
+import main_pretrain
+import models_mae
+import models_mixmim
+from util.amp import NativeScalerWithGradNormCount, autocast
+from util.metrics import StepMetrics
+from util.models import compile_model
+
+pytestmark = pytest.mark.cuda
+
+# model, image side, masking noise per image: MAE's patches, MixMIM's last-stage cells ((side / encoder_stride) ** 2)
+MODELS = {
+    "mae_tiny": (models_mae.mae_vit_tiny_patch4, 32, 64),
+    "mixmim_tiny": (models_mixmim.mixmim_tiny, 64, 16),
+    "mae_base": (models_mae.mae_vit_base_patch16, 224, 196),
+    "mixmim_base": (models_mixmim.mixmim_base, 224, 49),
+}
+# loss: relative error of the loss; grad: relative L2 error of all gradients (bf16 has 8 mantissa bits, fp16 11)
+AMP_TOLERANCE = {"bf16": {"loss": 2e-2, "grad": 6e-2}, "fp16": {"loss": 5e-3, "grad": 1.5e-2}}
+
+
+@pytest.fixture
+def dev() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("CUDA_TESTS_ON_CPU") == "1":
+        return torch.device("cpu")
+    pytest.skip("needs CUDA (CUDA_TESTS_ON_CPU=1 runs the logic on the CPU)")
+
+
+def build(key: str, dev: torch.device, **kwargs) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (seed 0), 4 images (seed 1) and the masking noise (seed 2) on ``dev``."""
+    factory, side, cells = MODELS[key]
+    torch.manual_seed(0)
+    model = factory(**kwargs).to(dev)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, side, side, generator=gen).to(dev)
+    noise = torch.rand(4 if key.startswith("mae") else 1, cells, generator=torch.Generator().manual_seed(2))
+    return model, images, noise.to(dev)
+
+
+def loss_and_grads(model, images, noise, amp: str, dev: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One forward + backward under ``amp``: (loss, the prediction in fp32, every gradient concatenated)."""
+    model.zero_grad(set_to_none=True)
+    random.seed(0)  # MixMIM's mask-ratio jitter draws from Python's random
+    with autocast(dev, amp):
+        loss, pred, _ = model(images, noise=noise.reshape(-1) if noise.shape[0] == 1 else noise)
+    loss.float().backward()
+    grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None])
+    return loss.item(), pred.float().detach(), grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("key", list(MODELS))
+def test_mixed_precision_follows_fp32(dev, key: str, amp: str, record_property) -> None:
+    model, images, noise = build(key, dev)
+    loss32, _, grads32 = loss_and_grads(model, images, noise, "none", dev)
+    loss_a, _, grads_a = loss_and_grads(model, images, noise, amp, dev)
+    loss_err, grad_err = abs(loss_a - loss32) / abs(loss32), rel(grads_a, grads32)
+    record_property("loss_rel_err", loss_err)
+    record_property("grad_rel_l2_err", grad_err)
+    assert loss_err < AMP_TOLERANCE[amp]["loss"], (loss32, loss_a)
+    assert grad_err < AMP_TOLERANCE[amp]["grad"]
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+@pytest.mark.parametrize("key", ["mixmim_tiny", "mixmim_base"])
+def test_mixmim_sdpa_attention_follows_the_plain_one(dev, key: str, amp: str, record_property) -> None:
+    """The default CUDA path (SDPA with the float bias + mixing mask, padded to 16-aligned rows) against the plain
+    softmax(QK^T + mask)V: fp32 within 1e-4 (prediction) and 1e-4 relative L2 (gradients); bf16 autocast within
+    the bf16 tolerances of the fp32 comparison above (the two paths round differently)."""
+    plain, images, noise = build(key, dev, fused_attn=False)
+    fused, _, _ = build(key, dev, fused_attn=True)
+    fused.load_state_dict(plain.state_dict())
+    loss_p, pred_p, grads_p = loss_and_grads(plain, images, noise, amp, dev)
+    loss_f, pred_f, grads_f = loss_and_grads(fused, images, noise, amp, dev)
+    pred_err, grad_err = (pred_f - pred_p).abs().max().item(), rel(grads_f, grads_p)
+    record_property("pred_max_abs_err", pred_err)
+    record_property("grad_rel_l2_err", grad_err)
+    if amp == "none":
+        assert pred_err < 1e-4 and grad_err < 1e-4 and loss_f == pytest.approx(loss_p, rel=1e-5)
+    else:
+        assert loss_f == pytest.approx(loss_p, rel=AMP_TOLERANCE["bf16"]["loss"])
+        assert grad_err < AMP_TOLERANCE["bf16"]["grad"]
+
+
+@pytest.mark.parametrize("key", ["mae_tiny", "mixmim_tiny"])
+def test_compiled_model_follows_eager_mode(dev, key: str, record_property) -> None:
+    """``util.models.compile_model`` (as --compile): the same masks (eager random draws), the loss of 3 AdamW steps
+    within 1e-4 relative of eager in fp32 and 2e-2 under bf16 (fusion changes the rounding, not the math)."""
+    losses = {}
+    for amp in ("none", "bf16"):
+        for compiled in (False, True):
+            model, images, _ = build(key, dev)
+            run = compile_model(model) if compiled else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            seen = []
+            for step in range(3):
+                torch.manual_seed(10 + step)
+                random.seed(10 + step)
+                with autocast(dev, amp):
+                    loss, _, mask = run(images)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                seen.append((loss.item(), mask.detach().clone()))
+            losses[amp, compiled] = seen
+        torch._dynamo.reset()
+    for amp, tol in (("none", 1e-4), ("bf16", 2e-2)):
+        eager, comp = losses[amp, False], losses[amp, True]
+        for (le, me), (lc, mc) in zip(eager, comp, strict=True):
+            assert torch.equal(me, mc)  # the same masks
+            assert lc == pytest.approx(le, rel=tol)
+        record_property(
+            f"loss_rel_err_{amp}", max(abs(c[0] - e[0]) / abs(e[0]) for e, c in zip(eager, comp, strict=True))
+        )
+
+
+def test_fused_adamw_follows_the_foreach_one(dev, record_property) -> None:
+    """The scripts' AdamW (fused=True on CUDA) against the foreach implementation: 5 steps on the same gradients
+    (betas 0.9 / 0.95, weight decay 0.05), the weights within 1e-6 relative to each other."""
+    if dev.type != "cuda":
+        pytest.skip("fused AdamW is the CUDA path")
+    model, _, _ = build("mae_tiny", dev)
+    twin, _, _ = build("mae_tiny", dev)
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    foreach = torch.optim.AdamW(twin.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=gen, device=dev)
+            q.grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    a = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    b = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
+    record_property("weights_rel_l2_err", rel(a, b))
+    assert rel(a, b) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- the scripts
+
+FAMILIES = {"mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4"), "mixmim": ("mixmim_tiny", "mixmim_tiny")}
+
+
+def log_losses(out: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_scripts_on_the_device_with_resume(dev, tmp_path: Path, family: str) -> None:
+    """main_pretrain.py (2 steps per epoch), resumed after its first epoch, gives the loss of the run that was not
+    stopped (within 1e-4: the same seeds per epoch, so the same masks); main_finetune.py --finetune from its
+    checkpoint and main_linprobe.py train on the device with its default precision (bf16 on a current GPU)."""
+    pre_model, ft_model = FAMILIES[family]
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2, size=72 if family == "mixmim" else 36)
+    size = 64 if family == "mixmim" else 32
+    common = dict(device=dev.type, input_size=size, batch_size=4)
+
+    def pretrain(out: Path, epochs: int, **kw) -> None:
+        flags = tiny_run_args(data, out, model=pre_model, epochs=epochs, warmup_epochs=1, **common, **kw)
+        main_pretrain.main(parse(main_pretrain.get_args_parser(), **flags))
+
+    pretrain(tmp_path / "whole", 2)
+    pretrain(tmp_path / "cut", 1)
+    pretrain(tmp_path / "cut", 2, resume=tmp_path / "cut" / "checkpoint-last.pth")
+    whole, cut = log_losses(tmp_path / "whole"), log_losses(tmp_path / "cut")
+    assert len(whole) == 2 and cut == pytest.approx(whole, rel=1e-4)
+    ckpt = torch.load(tmp_path / "whole" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    expected_amp = "none" if dev.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert ckpt["args"]["device"] == dev.type and ckpt["args"]["amp"] == expected_amp
+
+    flags = dict(nb_classes=2, epochs=1, warmup_epochs=0, finetune=tmp_path / "whole" / "checkpoint-last.pth")
+    ft = main_finetune.main(parse(main_finetune.get_args_parser(), **tiny_run_args(data, tmp_path / "ft",
+                            model=ft_model, **common, **flags)))  # fmt: skip
+    lp = main_linprobe.main(parse(main_linprobe.get_args_parser(), **tiny_run_args(data, tmp_path / "lp",
+                            model=pre_model, **common, **flags)))  # fmt: skip
+    for stats in (ft, lp):
+        assert 0.0 <= stats["acc1"] <= 100.0 and stats["loss"] == stats["loss"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("key", ["mae_tiny", "mixmim_tiny"])
+def test_no_host_sync_between_progress_lines(dev, key: str, monkeypatch) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` around the pretraining engine's steps: any host synchronisation
+    outside the progress lines (``StepMetrics.flush``, every ``--print_freq`` steps) raises. 6 steps, a progress
+    line at steps 0 and 5, pinned uint8 batches as the scripts' loader gives them, bf16, fused AdamW."""
+    if dev.type != "cuda":
+        pytest.skip("the sync debug mode is CUDA's")
+    model, _, _ = build(key, dev)
+    side = MODELS[key][1]
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8, generator=gen).pin_memory(), None)
+               for _ in range(6)]  # fmt: skip
+    args = parse(main_pretrain.get_args_parser(), model="mae_vit_tiny_patch4" if key == "mae_tiny" else "mixmim_tiny")
+    main_pretrain.resolve_args(args)
+    args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.amp, args.print_freq = 1e-4, 0.0, 1, 2, "bf16", 5
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+    flush = StepMetrics.flush
+
+    def flush_allowed(self) -> None:  # the progress lines read the losses back: syncs are allowed there only
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            flush(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(StepMetrics, "flush", flush_allowed)
+    engine_pretrain.train_one_epoch(
+        model, batches[:1], optimizer, dev, 0, NativeScalerWithGradNormCount(dev, False), args=args
+    )  # fmt: skip  (warm-up: cuBLAS handles, allocator, lazy inits)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine_pretrain.train_one_epoch(
+            model, batches, optimizer, dev, 0, NativeScalerWithGradNormCount(dev, False), args=args
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
