@@ -37,8 +37,10 @@ MODELS = {
     "mae_base": (models_mae.mae_vit_base_patch16, 224, 196),
     "mixmim_base": (models_mixmim.mixmim_base, 224, 49),
 }
-# loss: relative error of the loss; grad: relative L2 error of all gradients (bf16 has 8 mantissa bits, fp16 11)
-AMP_TOLERANCE = {"bf16": {"loss": 2e-2, "grad": 6e-2}, "fp16": {"loss": 5e-3, "grad": 1.5e-2}}
+# loss: relative error of the loss; grad: relative L2 error of all gradients (bf16 has 8 mantissa bits, fp16 11).
+# Measured on the CPU (torch 2.14.1; tiny and MAE-B): bf16 loss <= 8e-4, grads <= 7.3e-3; fp16 (loss scaled)
+# loss <= 3e-5, grads <= 8.5e-4. The bounds leave about 5x for the GPU's kernels.
+AMP_TOLERANCE = {"bf16": {"loss": 1e-2, "grad": 4e-2}, "fp16": {"loss": 2e-3, "grad": 8e-3}}
 
 
 @pytest.fixture
@@ -61,14 +63,19 @@ def build(key: str, dev: torch.device, **kwargs) -> tuple[torch.nn.Module, torch
     return model, images, noise.to(dev)
 
 
+FP16_LOSS_SCALE = 2.0**10  # fp16 gradients underflow unscaled: the scripts' GradScaler scales the loss (adaptively)
+
+
 def loss_and_grads(model, images, noise, amp: str, dev: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """One forward + backward under ``amp``: (loss, the prediction in fp32, every gradient concatenated)."""
+    """One forward + backward under ``amp``: (loss, the prediction in fp32, every gradient concatenated); fp16
+    with a fixed loss scale, the gradients unscaled."""
     model.zero_grad(set_to_none=True)
     random.seed(0)  # MixMIM's mask-ratio jitter draws from Python's random
     with autocast(dev, amp):
         loss, pred, _ = model(images, noise=noise.reshape(-1) if noise.shape[0] == 1 else noise)
-    loss.float().backward()
-    grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None])
+    scale = FP16_LOSS_SCALE if amp == "fp16" else 1.0
+    (loss.float() * scale).backward()
+    grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None]) / scale
     return loss.item(), pred.float().detach(), grads
 
 
@@ -79,6 +86,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("key", list(MODELS))
 def test_mixed_precision_follows_fp32(dev, key: str, amp: str, record_property) -> None:
+    if dev.type == "cpu" and amp == "fp16" and key.endswith("base"):
+        pytest.skip("fp16 on the CPU is emulated: minutes at base size")
     model, images, noise = build(key, dev)
     loss32, _, grads32 = loss_and_grads(model, images, noise, "none", dev)
     loss_a, _, grads_a = loss_and_grads(model, images, noise, amp, dev)
