@@ -11,7 +11,8 @@
 # 540, under the device tool's 10-minute call): each step gets what is left, the later ones are skipped when nothing
 # is. OUT_DIR gets four files: log.txt (everything printed), cuda_tests.xml (junit, with the tests' measured
 # errors as properties), summary.json (environment, every step's status and seconds, every row) and summary.md
-# (the tables). PEAK_TFLOPS (default 989, H100/H200 SXM dense bf16) sets the MFU denominator.
+# (the tables). PEAK_TFLOPS (default 989, H100/H200 SXM dense bf16) sets the MFU denominator. GPU_CHECK_STEPS
+# (e.g. "environment bench_compiled") runs only the steps named, for a second call that finishes what the budget cut.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -33,6 +34,10 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 step() {
   local name=$1 max=$2 t0 rc budget
   shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    echo "=== $name: not selected (GPU_CHECK_STEPS=$GPU_CHECK_STEPS)"
+    return
+  fi
   budget=$(left)
   [ "$budget" -lt "$max" ] && max=$budget
   if [ "$max" -lt 20 ]; then
@@ -76,7 +81,7 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # the wiring on a CPU: tiny models, one 
   LOADER="--num-images 16 --workers 2 --batch-size 4 --batches 2"
 fi
 
-step cuda_tests 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
+step cuda_tests 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
   tests/test_cuda.py tests/test_models_mixmim.py::test_sdpa_and_plain_attention_agree_on_cuda
 step bench_eager 110 "$PY" $BENCH --compile off --json "$RAW/bench_eager.json"
 if [ -f .gpu/official/mae/models_mae.py ]; then

@@ -121,10 +121,11 @@ def test_mixmim_sdpa_attention_follows_the_plain_one(dev, key: str, amp: str, re
 
 @pytest.mark.parametrize("key", ["mae_tiny", "mixmim_tiny"])
 def test_compiled_model_follows_eager_mode(dev, key: str, record_property) -> None:
-    """``util.models.compile_model`` (as --compile): the same masks (eager random draws), the loss of 3 AdamW steps
-    within 1e-4 relative of eager in fp32 and 2e-2 under bf16 (fusion changes the rounding, not the math)."""
+    """``util.models.compile_model`` (as --compile) under bf16, the scripts' precision on a GPU: the same masks
+    (eager random draws), the loss of 3 AdamW steps within 2e-2 relative of eager (fusion changes the rounding, not
+    the math; fp32 is compared to 1e-5 on the CPU in test_train_e2e.py)."""
     losses = {}
-    for amp in ("none", "bf16"):
+    for amp in ("bf16",):
         for compiled in (False, True):
             model, images, _ = build(key, dev)
             run = compile_model(model) if compiled else model
@@ -141,7 +142,7 @@ def test_compiled_model_follows_eager_mode(dev, key: str, record_property) -> No
                 seen.append((loss.item(), mask.detach().clone()))
             losses[amp, compiled] = seen
         torch._dynamo.reset()
-    for amp, tol in (("none", 1e-4), ("bf16", 2e-2)):
+    for amp, tol in (("bf16", 2e-2),):
         eager, comp = losses[amp, False], losses[amp, True]
         for (le, me), (lc, mc) in zip(eager, comp, strict=True):
             assert torch.equal(me, mc)  # the same masks
