@@ -19,6 +19,7 @@ from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, resolve_input_size, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.datasets import eval_transform, image_folder, pretrain_dataset, pretrain_transform, train_loader
+from util.device_decode import DeviceCrop, read_encoded
 from util.dist import wrap_ddp
 from util.errors import UsageError
 from util.knn import PretrainingKNN
@@ -136,6 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "--data_path)")  # fmt: skip
     knn.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
 
+    parser.add_argument_group("data loading (not in the official scripts)").add_argument(
+        "--decode_on_device", action="store_true", help="decode the JPEGs, crop, resize and flip on the device "
+        "(nvJPEG on CUDA): the loader workers only read the files and draw the augmentation (3 channels)")  # fmt: skip
     add_data_args(parser)
     add_runtime_args(parser, port=29529)
     return parser
@@ -165,6 +169,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
         raise UsageError("MixMIM mixes pairs of images within a batch: --batch_size must be at least 2")
     check_data_args(args)
+    if args.decode_on_device and args.in_chans != 3:
+        raise UsageError(f"--decode_on_device decodes RGB JPEGs: it needs --in_chans 3, got {args.in_chans}")
     check_buildable(args.model_name, args.input_size, args.in_chans)
 
 
@@ -185,6 +191,10 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
         args.mean, args.std = resolve_data_stats(args, dataset_train)  # --data_stats auto reads the raw images
         # 3 channels: uint8 images, normalised on the device by the engine; others: float, normalised here
         dataset_train.transform = pretrain_transform(args.input_size, False, args.in_chans, args.mean, args.std)
+        if args.decode_on_device:  # the same draws; decoding and resizing move to the engine's samples.to(device)
+            dataset_train.loader, dataset_train.transform = read_encoded, DeviceCrop(args.input_size)
+    elif args.decode_on_device:
+        raise UsageError("--decode_on_device reads --data_path's files: it does not apply to a dataset passed in")
     else:
         args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
     data_loader_train = train_loader(dataset_train, args, device)

@@ -37,6 +37,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from util.crop import RandomResizedCrop
+from util.device_decode import EncodedImage, collate_encoded
 from util.dist import all_reduce_mean, get_rank, get_world_size
 from util.errors import BadImageError, UsageError
 from util.seeding import image_seed, seed_worker, seeded_rng
@@ -202,6 +203,8 @@ class CollateSkippingBad:
                 good.append((sample, target))
         if not good:
             return None, None, bad
+        if isinstance(good[0][0], EncodedImage):  # --decode_on_device: bytes, decoded on the device
+            return collate_encoded([s for s, _ in good]), default_collate([t for _, t in good]), bad
         images, targets = default_collate(good)
         return images, targets, bad
 
