@@ -159,7 +159,7 @@ def resolve_args(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """One-line errors for arguments that cannot work, before any work is done."""
-    validate_common_args(args)
+    validate_common_args(args, data_list_file=True)
     if args.knn_freq < 0 or any(k < 1 for k in args.nb_knn):
         raise UsageError(f"--knn_freq must be >= 0 and --nb_knn positive, got {args.knn_freq} and {args.nb_knn}")
     if args.knn_data_path and not os.path.isdir(args.knn_data_path):

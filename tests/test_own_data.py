@@ -79,6 +79,13 @@ def test_a_folder_at_any_depth_and_a_list_file(tmp_path: Path) -> None:
     subset = pretrain_dataset(str(tmp_path / "subset.txt"), None, in_chans=1)
     assert [Path(p) for p, _ in subset.samples] == listed  # in the file's order, relative to its folder
 
+    # main_pretrain.py takes the list file as --data_path (4 listed images: one step of 4)
+    (tmp_path / "four.txt").write_text("\n".join(str(p.relative_to(tmp_path)) for p in written[:4]) + "\n")
+    out = tmp_path / "out"
+    stats = main_pretrain.main(parse(main_pretrain.get_args_parser(), **pretrain_flags(tmp_path / "four.txt", out),
+                                     in_chans=1, mean=0.5, std=0.25))  # fmt: skip
+    assert np.isfinite(stats["loss"]) and json.loads((out / "args.json").read_text())["data_path"].endswith("four.txt")
+
 
 def test_one_line_errors_for_empty_folders_missing_listed_files_and_paths(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)

@@ -94,8 +94,9 @@ def resolve_input_size(args: argparse.Namespace) -> None:
     args.input_size = sizes[0] if len(set(sizes)) == 1 else sizes
 
 
-def validate_common_args(args: argparse.Namespace) -> None:
-    """One-line errors for arguments that cannot work, before any work is done."""
+def validate_common_args(args: argparse.Namespace, data_list_file: bool = False) -> None:
+    """One-line errors for arguments that cannot work, before any work is done. ``data_list_file``: ``--data_path``
+    may also be a file (pretraining's list of image paths)."""
     for name in ("batch_size", "accum_iter", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -116,7 +117,7 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if getattr(args, "nb_classes", 1) < 1:
         raise UsageError(f"--nb_classes must be at least 1, got {args.nb_classes}")
-    if args.data_path and not os.path.isdir(args.data_path):
+    if args.data_path and not (os.path.isdir(args.data_path) or data_list_file and os.path.isfile(args.data_path)):
         raise UsageError(f"--data_path {args.data_path} does not exist")
     if getattr(args, "finetune", "") and not os.path.isfile(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist")
