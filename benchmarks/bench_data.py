@@ -33,6 +33,7 @@ from torchvision import datasets
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.datasets import eval_transform, finetune_transform, pretrain_transform  # noqa: E402
+from util.device_decode import DeviceCrop, collate_encoded, read_encoded  # noqa: E402
 
 logger = logging.getLogger("bench_data")
 
@@ -45,7 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", default=None, help="an ImageFolder (class subfolders); default: generated JPEGs")
     p.add_argument("--num-images", type=int, default=512, help="JPEGs to generate")
     p.add_argument(
-        "--transforms", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune", "eval"]
+        "--transforms",
+        nargs="+",
+        default=["pretrain", "finetune"],
+        choices=["pretrain", "finetune", "eval", "pretrain_device"],
+        help="pretrain_device: the workers' share of --decode_on_device (bytes, header, the crop's draws; decoding "
+        "and resizing happen on the device, not timed here)",
     )
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="DataLoader num_workers (0: in-process)")
     p.add_argument("--input-size", type=int, default=224)
@@ -81,9 +87,18 @@ def make_transform(name: str, input_size: int):
     return eval_transform(input_size)
 
 
+def collate_device_items(items: list) -> tuple:
+    return collate_encoded([image for image, _ in items]), torch.tensor([t for _, t in items])
+
+
 def bench_loader(root: str, transform_name: str, workers: int, args: argparse.Namespace) -> dict:
     """images/s of a DataLoader over ``root`` with one transform and ``workers`` processes (0: in this process)."""
-    dataset = datasets.ImageFolder(root, transform=make_transform(transform_name, args.input_size))
+    on_device = transform_name == "pretrain_device"
+    dataset = datasets.ImageFolder(
+        root,
+        transform=DeviceCrop(args.input_size) if on_device else make_transform(transform_name, args.input_size),
+        loader=read_encoded if on_device else datasets.folder.default_loader,
+    )
     needed = (args.warmup_batches + args.batches) * args.batch_size
     # sample with replacement when the folder is small: the same files, decoded and augmented again each time
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=needed)
@@ -95,6 +110,7 @@ def bench_loader(root: str, transform_name: str, workers: int, args: argparse.Na
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
         persistent_workers=False,
+        collate_fn=collate_device_items if on_device else None,
     )
     children0, self0 = _children_cpu_s(), time.process_time()
     it = iter(loader)
@@ -116,7 +132,7 @@ def bench_loader(root: str, transform_name: str, workers: int, args: argparse.Na
         "cpu_ms_per_image": 1000 * cpu_s / needed,
         "batch": args.batch_size,
         "input_size": args.input_size,
-        "image_shape": list(images.shape[1:]),
+        "image_shape": list(images.shape[1:]) if torch.is_tensor(images) else None,  # pretrain_device: still encoded
     }
 
 

@@ -73,12 +73,14 @@ BENCH="benchmarks/bench_train.py --models $MODELS --batch-size 128 --amp bf16 --
 OFFICIAL="--batch-size 128 --warmup 3 --steps 10 --repeats 3 --device cuda"
 OFFICIAL_MAE="mae_vit_base_patch16 mae_vit_large_patch16 vit_base_patch16"
 LOADER="--num-images 512 --workers 8 16 --batch-size 128 --batches 4"
+E2E="--model mae_vit_base_patch16 --batch-size 128 --workers 16 --steps 60 --images 512"
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # the wiring on a CPU: tiny models, one step each, base official models
   BENCH="benchmarks/bench_train.py --models mae_vit_tiny_patch4 mixmim_tiny vit_tiny_patch4 --batch-size 4 \
     --amp bf16 --loop step engine --peak-tflops $PEAK --warmup 1 --steps 1 --repeats 1 --device cpu"
   OFFICIAL="--batch-size 2 --warmup 1 --steps 1 --repeats 1 --device cpu"
   OFFICIAL_MAE="mae_vit_base_patch16"
   LOADER="--num-images 16 --workers 2 --batch-size 4 --batches 2"
+  E2E="--model mae_vit_tiny_patch4 --input-size 32 --batch-size 8 --workers 2 --steps 24 --images 16 --device cpu"
 fi
 
 step cuda_tests 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
@@ -93,6 +95,7 @@ else
   echo "=== official rows skipped: no .gpu/official (bash benchmarks/gpu_prepare.sh MAE_REPO MIXMIM_REPO)"
 fi
 step bench_compiled 200 "$PY" $BENCH --compile on --json "$RAW/bench_compiled.json"
+step e2e 100 "$PY" benchmarks/bench_e2e.py $E2E --json "$RAW/e2e.json"
 step loader 60 "$PY" benchmarks/bench_data.py $LOADER --transforms pretrain finetune --warmup-batches 1 \
   --json "$RAW/loader.json"
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu_summary.py RAW_DIR OUT_DIR [--peak-tflops 989]
 
 RAW_DIR holds what the steps wrote (``env.json``, ``steps.jsonl``, ``bench_eager.json``, ``bench_compiled.json``,
-``official_*.json``, ``loader.json``; any may be missing when its step failed or was skipped) and
+``official_*.json``, ``e2e.json``, ``loader.json``; any may be missing when its step failed or was skipped) and
 ``OUT_DIR/cuda_tests.xml`` the junit of the CUDA tests. Writes ``OUT_DIR/summary.json`` (all of it, the raw rows
 included) and ``OUT_DIR/summary.md``: per model, ours eager / compiled (bare step and the scripts' engine loop) and
 the official step, img/s, MFU and peak memory, against the targets of issue 13 (MFU, and at least 2.5x the official
@@ -157,6 +157,12 @@ def main() -> None:
             "Rows that failed:",
             *[f"- {r.get('model')}{' (compiled)' if r.get('compile') else ''}: {r['error']}" for r in errors],
         ]
+    e2e = load(raw / "e2e.json")
+    if e2e:
+        md += ["", "## main_pretrain.py end to end (generated JPEGs; the last progress line's img/s)", "",
+               "| model | decode | workers | img/s |", "| --- | --- | ---: | ---: |"]  # fmt: skip
+        md += [f"| `{r.get('model')}` | {r.get('decode')} | {r.get('workers')} | {fmt(r.get('images_per_s'))}"
+               f"{' ' + r['error'] if 'error' in r else ''} |" for r in e2e["results"]]  # fmt: skip
     loader = load(raw / "loader.json")
     if loader:
         md += ["", "## Loader (generated ImageNet-sized JPEGs)", "", "| transform | workers | img/s |",
