@@ -414,6 +414,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index ("cuda" alone raises)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # the engines' torch.cuda.synchronize() waits on the current device
         torch.backends.cudnn.benchmark = True  # as both main scripts
     info = device_info(device, mods)

@@ -204,7 +204,7 @@ def test_the_scripts_on_the_device_with_resume(dev, tmp_path: Path, family: str)
     assert len(whole) == 2 and cut == pytest.approx(whole, rel=1e-4)
     ckpt = torch.load(tmp_path / "whole" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     expected_amp = "none" if dev.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    assert ckpt["args"]["device"] == dev.type and ckpt["args"]["amp"] == expected_amp
+    assert torch.device(ckpt["args"]["device"]).type == dev.type and ckpt["args"]["amp"] == expected_amp
 
     flags = dict(nb_classes=2, epochs=1, warmup_epochs=0, finetune=tmp_path / "whole" / "checkpoint-last.pth")
     ft = main_finetune.main(parse(main_finetune.get_args_parser(), **tiny_run_args(data, tmp_path / "ft",

@@ -253,6 +253,7 @@ def test_sdpa_and_plain_attention_agree(monkeypatch):
         torch.testing.assert_close(g1[n], g2[n], rtol=0, atol=1e-5, msg=n)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sdpa_and_plain_attention_agree_on_cuda():
     """On CUDA the SDPA path (a memory-efficient kernel with the additive mask; 4x4 windows exercise the

@@ -353,6 +353,38 @@ def test_the_eval_resize_to_a_square_is_the_official_one_and_crop_pct_follows_th
     assert eval_transform((112, 224)).transforms[0].size == (128, 256)  # 224 / (224 / 256) = 256
 
 
+def test_non_square_training_crops_are_not_stretched() -> None:
+    """For 32 x 64 images every training transform draws crops whose width / height lies in (3/4 * 2, 4/3 * 2) (the
+    official range times W / H), covering it, so the crop resized to 32 x 64 is distorted no more than a square
+    crop resized to a square; a square size keeps the official (3/4, 4/3)."""
+    from types import SimpleNamespace
+
+    from util.datasets import finetune_transform, linprobe_transform
+    from util.device_decode import DeviceCrop
+
+    img = Image.new("RGB", (2000, 2000))  # large: no draw hits the border or the fallback
+    ft = SimpleNamespace(input_size=[32, 64], aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25,
+                         remode="pixel", recount=1)  # fmt: skip
+    crops = {
+        "pretrain": pretrain_transform((32, 64)).transforms[0],
+        "pretrain 1 channel": pretrain_transform((32, 64), in_chans=1).transforms[0],
+        "finetune": finetune_transform(ft).transforms[0],
+        "finetune 1 channel": finetune_transform(SimpleNamespace(**vars(ft), in_chans=1), [0.5], [0.2]).transforms[0],
+        "linprobe": linprobe_transform((32, 64)).transforms[0],
+        "device decode": DeviceCrop((32, 64)),
+    }
+    for name, crop in crops.items():
+        torch.manual_seed(0)
+        get_params = getattr(type(crop), "get_params", transforms.RandomResizedCrop.get_params)  # DeviceCrop's
+        aspects = []
+        for _ in range(300):
+            _, _, h, w = get_params(img, list(crop.scale), list(crop.ratio))
+            if h < 2000 and w < 2000:  # the linear probe's TF-style crop clips a box larger than the image
+                aspects.append(w / h)
+        assert 1.5 - 0.02 < min(aspects) < 1.7 and 2.4 < max(aspects) < 8 / 3 + 0.02, name
+    assert pretrain_transform(32).transforms[0].ratio == (3 / 4, 4 / 3) == DeviceCrop(32).ratio
+
+
 def resized_grid(embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
     """Reference: the grid tokens of (1, 1 + Gh*Gw, D), row-major, as a D-channel Gh x Gw image resized by torch's
     bicubic (the official rule), the cls row kept."""
@@ -395,9 +427,14 @@ def test_non_square_vit_fine_tuning_and_linear_probing_from_a_square_checkpoint(
     load_pretrained(turned, str(ckpt))
     torch.testing.assert_close(turned.pos_embed.detach(), resized_grid(tuned, (8, 12), (12, 8)), rtol=0, atol=1e-5)
 
-    with caplog.at_level(logging.WARNING):  # 64 positions: an 8 x 8 grid, or the model's 4 x 16; nothing says which
-        load_pretrained(build_classifier("vit_tiny_patch4", (16, 64), 2, 0.0, False), str(tmp_path / "square.pth"))
-    assert any("taken as 4x16" in r.getMessage() for r in caplog.records)
+    # 64 positions and no recorded size, as the official checkpoints: taken as square (8 x 8) and resized to the
+    # model's 4 x 16 grid, though that has 64 positions too (with a warning naming both readings)
+    wide = build_classifier("vit_tiny_patch4", (16, 64), 2, 0.0, False)
+    with caplog.at_level(logging.WARNING):
+        load_pretrained(wide, str(tmp_path / "square.pth"))
+    assert any("taken as a square 8x8 one" in r.getMessage() for r in caplog.records)
+    expected = resized_grid(source["pos_embed"], (8, 8), (4, 16))
+    torch.testing.assert_close(wide.pos_embed.detach(), expected, rtol=0, atol=1e-5)
     with pytest.raises(UsageError, match="takes square images only"):
         build_classifier("mixmim_tiny", (64, 96), 2, 0.0)
 

@@ -5,6 +5,7 @@ official MAE linear probe.
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torchvision import transforms
@@ -27,3 +28,15 @@ class RandomResizedCrop(transforms.RandomResizedCrop):
         i = torch.randint(0, height - h + 1, size=(1,)).item()
         j = torch.randint(0, width - w + 1, size=(1,)).item()
         return i, j, h, w
+
+
+SQUARE_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect ratios (width / height)
+
+
+def crop_ratio(input_size: int | Sequence[int]) -> tuple[float, float]:
+    """RandomResizedCrop's range of crop aspect ratios (width / height) for ``input_size``: the official (3/4, 4/3)
+    for a square; for H x W that range times W / H, so that the crop, resized to H x W, is not stretched."""
+    if isinstance(input_size, int) or input_size[0] == input_size[1]:
+        return SQUARE_CROP_RATIO
+    h, w = input_size
+    return SQUARE_CROP_RATIO[0] * w / h, SQUARE_CROP_RATIO[1] * w / h

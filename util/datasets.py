@@ -36,7 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from util.crop import RandomResizedCrop
+from util.crop import RandomResizedCrop, crop_ratio
 from util.device_decode import EncodedImage, collate_encoded
 from util.dist import all_reduce_mean, get_rank, get_world_size
 from util.errors import BadImageError, UsageError
@@ -362,7 +362,9 @@ def pretrain_transform(
     counts: the same steps on the float tensors of ``load_tensor``, normalised here.
     """
     crop_flip = [
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(
+            input_size, scale=(0.2, 1.0), ratio=crop_ratio(input_size), interpolation=InterpolationMode.BICUBIC
+        ),
         transforms.RandomHorizontalFlip(),
     ]
     if in_chans != 3:
@@ -482,7 +484,9 @@ def finetune_transform(
             logger.warning("--in_chans %d: no RandAugment (--aa) or colour jitter, which need RGB images", in_chans)
         return transforms.Compose(
             [
-                transforms.RandomResizedCrop(args.input_size, interpolation=InterpolationMode.BICUBIC),
+                transforms.RandomResizedCrop(
+                    args.input_size, ratio=crop_ratio(args.input_size), interpolation=InterpolationMode.BICUBIC
+                ),
                 transforms.RandomHorizontalFlip(),
                 transforms.Normalize(mean=mean, std=std),
                 RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu"),
@@ -492,6 +496,7 @@ def finetune_transform(
         create_transform(
             input_size=args.input_size,
             is_training=True,
+            ratio=None if isinstance(args.input_size, int) else crop_ratio(args.input_size),
             color_jitter=args.color_jitter,
             auto_augment=args.aa,
             interpolation="bicubic",
@@ -514,7 +519,7 @@ def linprobe_transform(
     to_tensor = [transforms.ToTensor()] if in_chans == 3 else []  # other counts are tensors already
     return transforms.Compose(
         [
-            RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+            RandomResizedCrop(input_size, ratio=crop_ratio(input_size), interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             *to_tensor,
             transforms.Normalize(mean=mean, std=std),

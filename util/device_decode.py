@@ -3,7 +3,8 @@
 The CPU path decodes each image with PIL in a DataLoader worker, crops, resizes and flips it there. On a GPU machine
 the workers can be the limit: decoding an ImageNet JPEG costs a few milliseconds of a core. Here the workers only
 read the file's bytes and its header (size, mode) and draw the augmentation exactly as the CPU path does
-(``RandomResizedCrop.get_params`` with scale (0.2, 1) and ratio (3/4, 4/3), then the flip's ``torch.rand(1) < 0.5``,
+(``RandomResizedCrop.get_params`` with scale (0.2, 1) and ratio (3/4, 4/3) (times W / H for H x W images), then the
+flip's ``torch.rand(1) < 0.5``,
 from the same RNG in the same order, so the same seed gives the same boxes and flips); the batch goes to the device
 as encoded bytes, where ``torchvision.io.decode_jpeg`` decodes it in one call and each image is cropped, resized
 (bicubic, antialiased: torchvision's counterpart of PIL's bicubic) and flipped, giving the uint8 (B, 3, H, W)
@@ -28,6 +29,7 @@ from torchvision.io import decode_jpeg as _decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from util.crop import crop_ratio
 from util.errors import BadImageError
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -73,9 +75,9 @@ class DeviceCrop:
     """The pretraining transform's random draws, on an ``EncodedImage``: ``RandomResizedCrop(input_size, scale,
     ratio)``'s box and ``RandomHorizontalFlip``'s coin, in the CPU transform's order (``pretrain_transform``)."""
 
-    def __init__(self, input_size: int | Sequence[int], scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    def __init__(self, input_size: int | Sequence[int], scale=(0.2, 1.0), ratio: tuple[float, float] | None = None):
         self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        self.scale, self.ratio = scale, ratio
+        self.scale, self.ratio = scale, ratio or crop_ratio(input_size)  # as pretrain_transform
 
     def __call__(self, image: EncodedImage) -> EncodedImage:
         h, w = image.size

@@ -60,9 +60,9 @@ def interpolate_pos_embed(
     model's patch grid (Gh, Gw), bicubically, keeping the extra tokens (cls) unchanged.
 
     ``orig_grid``: the checkpoint's grid (Gh0, Gw0), when known (our checkpoints record their input size). Else, as
-    the official function, a square grid; but a checkpoint with as many positions as the model is taken to share
-    its grid (a non-square checkpoint into a model of its own size), and one whose positions make no square is left
-    for the load to report as a shape mismatch.
+    the official function, a square grid (the official checkpoints are square); a count that makes no square is
+    taken as the model's grid when it has as many positions (a non-square checkpoint that lost its record, into a
+    model of its size), else left for the load to report as a shape mismatch.
     """
     if key not in checkpoint_model:
         return
@@ -75,14 +75,14 @@ def interpolate_pos_embed(
     orig_patches = pos_embed_checkpoint.shape[-2] - num_extra_tokens
     if orig_grid is None:
         orig_size = int(round(orig_patches**0.5))
-        if orig_patches == num_patches:
-            orig_grid = (gh, gw)
-            if gh != gw and orig_size**2 == orig_patches:
-                logger.warning("%s: %d positions, as many as the model's %dx%d grid and a %dx%d one; taken as %dx%d "
-                               "(the checkpoint does not record its input size)", key, orig_patches, gh, gw,
-                               orig_size, orig_size, gh, gw)  # fmt: skip
-        elif orig_size**2 == orig_patches:
+        if orig_size**2 == orig_patches:
             orig_grid = (orig_size, orig_size)
+            if orig_patches == num_patches and gh != gw:
+                logger.warning("%s: %d positions, as many as the model's %dx%d grid; taken as a square %dx%d one "
+                               "and resized (the checkpoint does not record its input size; official checkpoints "
+                               "are square)", key, orig_patches, gh, gw, orig_size, orig_size)  # fmt: skip
+        elif orig_patches == num_patches:
+            orig_grid = (gh, gw)
         else:
             return  # not a square grid: left for the load to report as a shape mismatch
     oh, ow = (int(v) for v in orig_grid)
