@@ -84,13 +84,13 @@ def jpeg_folder(root: Path, n: int = 8) -> Path:
 
 def test_pretraining_with_decode_on_device_follows_the_cpu_path(tmp_path: Path) -> None:
     """The same run (seed, masks, boxes, flips) with the images decoded on the device: every step's images within
-    one level of the CPU path's, so the losses agree to 1e-3."""
+    one level of the CPU path's, so the losses agree to 1e-3. Two loader workers: the batches cross processes."""
     data = jpeg_folder(tmp_path / "data")
     losses = {}
     for on_device in (False, True):
         out = tmp_path / f"out_{on_device}"
         flags = tiny_run_args(
-            data, out, model="mae_vit_tiny_patch4", epochs=2, warmup_epochs=1, decode_on_device=on_device
+            data, out, model="mae_vit_tiny_patch4", epochs=2, warmup_epochs=1, num_workers=2, decode_on_device=on_device
         )
         main_pretrain.main(parse(main_pretrain.get_args_parser(), **flags))
         losses[on_device] = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]

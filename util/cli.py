@@ -52,7 +52,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         "--skip_bad_images",
         action="store_true",
         help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
-        "stopping at the first one",
+        "stopping at the first one (with --decode_on_device: files whose header PIL cannot read; a JPEG whose data "
+        "does not decode on the device still stops the run, naming it)",
     )
     new.add_argument(
         "--dist_timeout",
