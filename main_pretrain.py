@@ -164,6 +164,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--knn_freq must be >= 0 and --nb_knn positive, got {args.knn_freq} and {args.nb_knn}")
     if args.knn_data_path and not os.path.isdir(args.knn_data_path):
         raise UsageError(f"--knn_data_path {args.knn_data_path} does not exist")
+    if args.knn_freq and not args.knn_data_path and os.path.isfile(args.data_path):
+        raise UsageError("--knn_freq needs labelled train/ and val/ folders: --data_path is a list file, pass "
+                         "--knn_data_path")  # fmt: skip
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
