@@ -44,24 +44,22 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import contextlib
-import gc
 import importlib
 import importlib.util
-import json
 import math
 import os
-import platform
 import random
-import statistics
 import subprocess
 import sys
-import time
 import types
 import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, before the official path is set
+from bench_common import device_info, peak_memory_gib, reset_memory, time_windows, write_json  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # which official repository a checkout is: a file only it has, and its pretraining mask ratio (main_pretrain default)
@@ -288,18 +286,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
-def reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def input_size(model: nn.Module) -> int:
     size = model.patch_embed.img_size
     return int(size[0] if isinstance(size, tuple | list) else size)
@@ -318,22 +304,9 @@ def bench_one(
     labels = torch.randint(0, 1000, (batch,), device=device)
 
     with contextlib.redirect_stdout(sys.stderr):  # the engines' MetricLogger lines; stdout keeps only the table
-        t0 = time.perf_counter()
-        epoch([(images, labels)] * args.warmup)
-        synchronize(device)
-        warmup_s = time.perf_counter() - t0
-
-        rates = []
-        cpu0 = time.process_time()
-        for _ in range(args.repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            epoch([(images, labels)] * args.steps)
-            synchronize(device)
-            rates.append(batch * args.steps / (time.perf_counter() - t0))
-        cpu_s_per_step = (time.process_time() - cpu0) / (args.repeats * args.steps)
-
-    ips = statistics.median(rates)
+        batches = [(images, labels)]
+        timing = time_windows(lambda n, run=epoch, b=batches: run(b * n), batch, args.warmup, args.steps,
+                              args.repeats, device)  # fmt: skip
     row = {
         "model": name,
         "kind": kind,
@@ -343,12 +316,8 @@ def bench_one(
         "loop": "official",
         "input_size": size,
         "mask_ratio": mask_ratio if kind == "pretrain" else None,
-        "images_per_s": ips,
-        "images_per_s_all": rates,
-        "step_ms": 1000 * batch / ips,
-        "cpu_s_per_step": cpu_s_per_step,
-        "warmup_s": warmup_s,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **timing,
+        "peak_mem_gib": peak_memory_gib(device),
         # all parameters, the frozen sin-cos position tables included (111.9 M for MAE ViT-B with its decoder)
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "official_repo": mods.repo,
@@ -358,27 +327,6 @@ def bench_one(
     del epoch, model, images, labels
     reset_memory(device)
     return row
-
-
-def device_info(device: torch.device, mods: types.SimpleNamespace) -> dict:
-    info = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "timm": mods.timm.__version__,
-        "timm_path": os.path.dirname(mods.timm.__file__),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def write_json(path: str, info: dict, args: argparse.Namespace, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -418,7 +366,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # the engines' torch.cuda.synchronize() waits on the current device
         torch.backends.cudnn.benchmark = True  # as both main scripts
-    info = device_info(device, mods)
+    info = device_info(device, mods.timm, timm_path=os.path.dirname(mods.timm.__file__), numpy=np.__version__)
     print(f"official {repo} {args.official_commit} from {args.official_path}; {info}", file=sys.stderr)
 
     rows = []

@@ -31,16 +31,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import itertools
-import json
 import logging
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import timm
@@ -51,6 +47,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import device_info, peak_memory_gib, reset_memory, time_windows, write_json  # noqa: E402
 
 import engine_finetune  # noqa: E402
 import engine_pretrain  # noqa: E402
@@ -258,24 +257,6 @@ def format_flops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
-def reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
-
-
 def bench_one(
     name: str,
     batch: int,
@@ -310,22 +291,9 @@ def bench_one(
             for _ in range(steps):
                 step(images, targets)
 
-    t0 = time.perf_counter()
-    epoch(images, targets, args.warmup)
-    synchronize(device)
-    warmup_s = time.perf_counter() - t0
-
-    rates = []
-    cpu0 = time.process_time()  # CPU seconds of this process: a steadier measure than wall time on a busy host
-    for _ in range(args.repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        epoch(images, targets, args.steps)
-        synchronize(device)
-        rates.append(batch * args.steps / (time.perf_counter() - t0))
-    cpu_s_per_step = (time.process_time() - cpu0) / (args.repeats * args.steps)
-
-    ips = statistics.median(rates)
+    timing = time_windows(functools.partial(epoch, images, targets), batch, args.warmup, args.steps, args.repeats,
+                          device)  # fmt: skip
+    ips = timing["images_per_s"]
     row = {
         "model": name,
         "kind": "pretrain" if is_pretrain_model(model) else "finetune",
@@ -334,11 +302,7 @@ def bench_one(
         "compile": compiled,
         "loop": loop,
         "input_size": size,
-        "images_per_s": ips,
-        "images_per_s_all": rates,
-        "step_ms": 1000 * batch / ips,
-        "cpu_s_per_step": cpu_s_per_step,
-        "warmup_s": warmup_s,
+        **timing,
         "peak_mem_gib": peak_memory_gib(device),
         "gflops_per_image": flops[name] / 1e9,
         "tflops": flops[name] * ips / 1e12,
@@ -350,25 +314,6 @@ def bench_one(
         torch._dynamo.reset()
     reset_memory(device)
     return row
-
-
-def device_info(device: torch.device) -> dict:
-    info = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def write_json(path: str, info: dict, args: argparse.Namespace, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"info": info, "args": vars(args), "results": rows}, f, indent=1)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -414,11 +359,11 @@ def main(args: argparse.Namespace) -> list[dict]:
             except (RuntimeError, ValueError) as e:  # unknown name, an input size the model cannot take
                 raise SystemExit(f"--flops-only: cannot count {name}: {e}") from None
         if args.json:
-            write_json(args.json, device_info(torch.device("meta")), args, rows)
+            write_json(args.json, device_info(torch.device("meta"), timm), args, rows)
         print(format_flops_table(rows), flush=True)
         return rows
 
-    info = device_info(device)
+    info = device_info(device, timm)
     logger.info("%s", info)
     flops: dict[str, float] = {}
     rows = []
