@@ -242,7 +242,7 @@ def main(
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = compile_model(model)
+        model = compile_model(model, args.compile_mode)
     optimizer = finetune_optimizer(model_without_ddp, args.lr, args.weight_decay, args.layer_decay, device)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")
     criterion = build_criterion(args, mixup_fn)

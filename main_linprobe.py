@@ -180,7 +180,7 @@ def main(
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = compile_model(model)
+        model = compile_model(model, args.compile_mode)
     optimizer = linprobe_optimizer(model_without_ddp.head, args.lr, args.weight_decay)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")

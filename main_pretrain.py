@@ -214,7 +214,7 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
 
     model = wrap_ddp(model, args)
     if args.compile:
-        model = compile_model(model)
+        model = compile_model(model, args.compile_mode)
     optimizer = pretrain_optimizer(model_without_ddp, args.lr, args.weight_decay, device)
     logger.info("optimizer: %s", optimizer)
     loss_scaler = NativeScaler(device, enabled=args.amp == "fp16")

@@ -60,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="bf16")
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="torch.compile's mode (main_pretrain.py --compile_mode)")
     p.add_argument("--decode", nargs="+", default=["cpu", "device"], choices=["cpu", "device"])
     p.add_argument("--json", default=None)
     return p
@@ -76,6 +77,8 @@ def run_once(list_file: str, out: str, workers: int, on_device: bool, args: argp
         argv.append("--decode_on_device")
     if args.compile:
         argv.append("--compile")
+    if args.compile_mode:
+        argv += ["--compile_mode", args.compile_mode]
     handler = Rates()
     logging.getLogger().addHandler(handler)
     start = time.perf_counter()

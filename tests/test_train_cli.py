@@ -75,6 +75,25 @@ def test_bad_input_fails_with_one_line(tmp_path: Path, script: str, argv: list[s
 
 
 @pytest.mark.parametrize(
+    "script, model",
+    [(main_pretrain, "mae_vit_tiny_patch4"), (main_finetune, "vit_tiny_patch4"), (main_linprobe, "vit_tiny_patch4")],
+)
+def test_compile_mode_reaches_torch_compile(tmp_path: Path, script, model: str, monkeypatch) -> None:
+    """--compile --compile_mode M compiles with mode M (torch.compile recorded here and left out: the mode's own
+    effect is torch's; the compiled run itself is test_train_e2e.py's)."""
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), model)[1])
+    data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    flags = tiny_run_args(data, tmp_path / "out", model=model, epochs=1, warmup_epochs=0, batch_size=2, nb_classes=2)
+    if script is main_pretrain:
+        del flags["nb_classes"]
+    script.main(parse(script.get_args_parser(), **flags, compile=True, compile_mode="reduce-overhead"))
+    assert modes == ["reduce-overhead"]
+
+
+@pytest.mark.parametrize(
     "script, overrides, message",
     [
         (main_pretrain, dict(model="mae_vit_tiny_patch4", mask_ratio=1.0), r"--mask_ratio must be in \(0, 1\)"),
@@ -84,6 +103,7 @@ def test_bad_input_fails_with_one_line(tmp_path: Path, script: str, argv: list[s
         (main_finetune, dict(model="vit_tiny_patch4", nb_classes=1), "has 2 classes but --nb_classes is 1"),
         (main_finetune, dict(model="vit_tiny_patch4", resume="missing.pth"), "--resume missing.pth does not exist"),
         (main_finetune, dict(model="vit_tiny_patch4", data_path="/nonexistent"), "/nonexistent does not exist"),
+        (main_linprobe, dict(model="vit_tiny_patch4", compile_mode="max-autotune"), "max-autotune needs --compile"),
     ],
 )
 def test_bad_arguments_raise_usage_errors(tmp_path: Path, script, overrides: dict, message: str) -> None:

@@ -43,6 +43,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
     )
     new.add_argument("--compile", action="store_true", help="torch.compile the model")
     new.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode with --compile (default: its default); reduce-overhead and max-autotune replay "
+        "CUDA graphs",
+    )
+    new.add_argument(
         "--print_freq",
         default=20,
         type=int,
@@ -110,6 +117,8 @@ def validate_common_args(args: argparse.Namespace, data_list_file: bool = False)
     for name in ("save_every_min", "save_every_steps"):
         if getattr(args, name, 0) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if getattr(args, "compile_mode", None) and not args.compile:
+        raise UsageError(f"--compile_mode {args.compile_mode} needs --compile")
     if args.print_freq < 1:
         raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
     if args.start_epoch < 0:
