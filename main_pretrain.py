@@ -193,9 +193,10 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
         dataset_train = pretrain_dataset(args.data_path.rstrip("/"), None, args.in_chans)
         args.mean, args.std = resolve_data_stats(args, dataset_train)  # --data_stats auto reads the raw images
         # 3 channels: uint8 images, normalised on the device by the engine; others: float, normalised here
-        dataset_train.transform = pretrain_transform(args.input_size, False, args.in_chans, args.mean, args.std)
         if args.decode_on_device:  # the same draws; decoding and resizing move to the engine's samples.to(device)
             dataset_train.loader, dataset_train.transform = read_encoded, DeviceCrop(args.input_size)
+        else:
+            dataset_train.transform = pretrain_transform(args.input_size, False, args.in_chans, args.mean, args.std)
     elif args.decode_on_device:
         raise UsageError("--decode_on_device reads --data_path's files: it does not apply to a dataset passed in")
     else:

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from util.checkpoint import load_checkpoint_file, load_model_strict, state_dict_of
+from util.checkpoint import load_checkpoint_file, load_model_strict, saved_args, state_dict_of
+from util.cli import input_size_value
 from util.datasets import load_tensor
 from util.errors import UsageError
 from util.fashion_mnist import (
@@ -209,9 +210,7 @@ def load_pretrain_checkpoint(
     them), else the model's defaults; official checkpoints need ``model_name``.
     """
     checkpoint = load_checkpoint_file(path)
-    saved = checkpoint.get("args") or {}
-    if not isinstance(saved, dict):  # official checkpoints pickle an argparse.Namespace
-        saved = vars(saved)
+    saved = saved_args(checkpoint)
     model_name = model_name or checkpoint.get("model_name") or saved.get("model")
     if not model_name:
         raise UsageError(f"{path} does not say which model it holds: pass --model (e.g. mae_vit_large_patch16)")
@@ -226,10 +225,7 @@ def load_pretrain_checkpoint(
         import timm
 
         size = model_input_size(timm.create_model(model_name, **kwargs))
-    size = (int(size),) if isinstance(size, int | float | str) else tuple(int(v) for v in size)  # a side, or H W
-    if len(size) not in (1, 2):
-        raise UsageError(f"--input_size takes one side or H W, got {len(size)} values")
-    size = size[0] if len(set(size)) == 1 else size
+    size = input_size_value(size)  # a side, or [H, W]
     model = build_pretrain_model(model_name, size, torch.device(device), **kwargs)
     load_model_strict(model, state_dict_of(checkpoint), path)
     model.data_stats = checkpoint.get("data_stats")  # the statistics it was trained with (ours), or None

@@ -282,12 +282,17 @@ def interpolate_pos_embed_any(model: nn.Module, state_dict: dict, grid: tuple[in
             pos_embed.interpolate_pos_embed(model, state_dict, key="decoder_pos_embed", orig_grid=grid)
 
 
+def saved_args(checkpoint: dict) -> dict:
+    """The arguments a checkpoint was trained with: ours store a dict, the official scripts a pickled
+    ``argparse.Namespace``; {} when it has none."""
+    saved = checkpoint.get("args") or {}
+    return vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+
+
 def checkpoint_grid(checkpoint: dict) -> tuple[int, int] | None:
     """The patch grid (Gh, Gw) of a ViT / MAE checkpoint that records its input size (ours, in ``args``), from that
     size and its patch embedding's patch; None when it does not say."""
-    saved = checkpoint.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
-    size = saved.get("input_size") if isinstance(saved, dict) else None
+    size = saved_args(checkpoint).get("input_size")
     weight = state_dict_of(checkpoint).get(PATCH_EMBED_WEIGHT)
     if size is None or weight is None or weight.ndim != 4:
         return None

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -91,15 +91,20 @@ def add_input_size_arg(parser: argparse.ArgumentParser, default: int = 224, help
                         help=f"{help}: a side S, or H W for non-square images (MAE / ViT)")  # fmt: skip
 
 
-def resolve_input_size(args: argparse.Namespace) -> None:
-    """``args.input_size`` as the models and transforms take it: an int for a square (``--input_size S`` or
-    ``S S``), else [H, W]."""
-    sizes = [args.input_size] if isinstance(args.input_size, int) else [int(v) for v in args.input_size]
+def input_size_value(size: int | Sequence[int]) -> int | list[int]:
+    """An input size as the models and transforms take it: an int for a square (S, [S] or [S, S]), else [H, W];
+    one-line errors for another number of values or a side below 1."""
+    sizes = [int(size)] if isinstance(size, int) else [int(v) for v in size]
     if len(sizes) not in (1, 2):
         raise UsageError(f"--input_size takes one side or H W, got {len(sizes)} values")
     if min(sizes) < 1:
         raise UsageError(f"--input_size must be positive, got {' '.join(map(str, sizes))}")
-    args.input_size = sizes[0] if len(set(sizes)) == 1 else sizes
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
+def resolve_input_size(args: argparse.Namespace) -> None:
+    """``args.input_size`` as ``input_size_value`` gives it (``--input_size S``, ``S S`` or ``H W``)."""
+    args.input_size = input_size_value(args.input_size)
 
 
 def validate_common_args(args: argparse.Namespace, data_list_file: bool = False) -> None:

@@ -36,6 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from util.cli import input_size_value
 from util.crop import RandomResizedCrop, crop_ratio
 from util.device_decode import EncodedImage, collate_encoded
 from util.dist import all_reduce_mean, get_rank, get_world_size
@@ -428,8 +429,7 @@ def eval_transform(
     the image resized, keeping its aspect ratio, to cover (H / crop_pct, W / crop_pct), then the center H x W crop;
     crop_pct is 224/256 when the longer side H or W is at most 224, else 1.
     """
-    if not isinstance(input_size, int) and input_size[0] == input_size[1]:
-        input_size = int(input_size[0])
+    input_size = input_size_value(input_size)
     if isinstance(input_size, int):
         crop_pct = 224 / 256 if input_size <= 224 else 1.0
         resize = transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC)
@@ -496,7 +496,7 @@ def finetune_transform(
         create_transform(
             input_size=args.input_size,
             is_training=True,
-            ratio=None if isinstance(args.input_size, int) else crop_ratio(args.input_size),
+            ratio=crop_ratio(args.input_size),
             color_jitter=args.color_jitter,
             auto_augment=args.aa,
             interpolation="bicubic",

@@ -19,6 +19,7 @@ reads but whose data does not decode stops the run with one line naming it (also
 yet; its DeprecationWarning is silenced here, and the decode moves to TorchCodec once the pinned stack has it.
 """
 
+import io
 import re
 import warnings
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def read_encoded(path: str) -> EncodedImage:
     read by PIL, not its data), else the image decoded to RGB by PIL. PIL's errors propagate (a bad file)."""
     with open(path, "rb") as f:
         raw = f.read()
-    with Image.open(path) as img:  # the header only
+    with Image.open(io.BytesIO(raw)) as img:  # the header only, from the bytes already read
         width, height = img.size
         device_decodes = raw[:2] == JPEG_MAGIC and img.format == "JPEG" and img.mode in ("RGB", "L")
         if not device_decodes:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import models_mae
 import models_mixmim
 import models_vit
+from util.cli import input_size_value
 from util.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -183,19 +184,14 @@ def _create(name: str, input_size: int | tuple[int, int], device: torch.device |
     """``timm.create_model`` with one-line errors. ``input_size``: a side, or (H, W) (MAE and ViT only). For
     MixMIM on a known ``device`` the attention path is fixed here: SDPA on CUDA, plain elsewhere (on the CPU SDPA with
     a float bias runs its math kernel, measured slower); MAE keeps timm's choice."""
+    input_size = input_size_value(input_size)
     if not isinstance(input_size, int):
-        if len(input_size) not in (1, 2):
-            raise UsageError(f"--input_size takes one side or H W, got {len(input_size)} values")
-        h, w = input_size[0], input_size[-1]
-        if h == w:
-            input_size = h
-        elif family_of(name) == "mixmim":
+        if family_of(name) == "mixmim":
             raise UsageError(
                 f"--model {name} takes square images only: --input_size S, S a multiple of its stride "
                 f"(its windows are fixed per stage; non-square --input_size H W is for MAE / ViT)"
             )
-        else:
-            input_size = (int(h), int(w))
+        input_size = tuple(input_size)
     if device is not None and family_of(name) == "mixmim":
         kwargs.setdefault("fused_attn", torch.device(device).type == "cuda")
     shown = input_size if isinstance(input_size, int) else " ".join(map(str, input_size))
