@@ -38,6 +38,7 @@ import main_linprobe
 import main_pretrain
 import visualize
 from engine_finetune import evaluate
+from model_table import add_probe_head, build_classifier
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.amp import autocast
 from util.checkpoint import LAST, load_pretrained, save_checkpoint
@@ -47,7 +48,6 @@ from util.errors import NonFiniteLossError, UsageError
 from util.fashion_mnist import DEFAULT_DATA_PATH, FashionMNISTImages, prepare_root
 from util.files import append_log_line
 from util.knn import pooled_features
-from util.models import add_probe_head, build_classifier
 from util.optim import linprobe_optimizer, scaled_lr
 from util.run import begin_epoch, open_outputs, start_run
 

@@ -34,6 +34,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 import models_backbone
+from model_table import build_pretrain_model, resolve_pretrain_name
 from util.box_ap import average_precision
 from util.cli import run_cli
 from util.dist import setup_logging
@@ -41,7 +42,6 @@ from util.errors import UsageError
 from util.fashion_mnist import CLASSES, FashionMNISTImages, prepare_root
 from util.files import write_text_atomic
 from util.knn import knn_accuracy
-from util.models import build_pretrain_model, resolve_pretrain_name
 from util.seeding import seed_everything
 
 logger = logging.getLogger(__name__)

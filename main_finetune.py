@@ -11,6 +11,7 @@ import logging
 from torch.utils.data import Dataset
 
 from engine_finetune import evaluate, fit
+from model_table import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_common_args
@@ -25,7 +26,6 @@ from util.datasets import (
 )
 from util.dist import wrap_ddp
 from util.mixup import build_criterion, build_mixup
-from util.models import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
 from util.optim import finetune_optimizer, scaled_lr
 from util.run import open_outputs, start_run
 

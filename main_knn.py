@@ -19,6 +19,7 @@ import time
 import torch
 from torch.utils.data import Dataset
 
+from model_table import build_classifier, check_buildable, resolve_classifier_name
 from util.amp import resolve_amp
 from util.checkpoint import checkpoint_grid, load_checkpoint_file, load_pretrained_state, state_dict_of
 from util.cli import add_input_size_arg, add_runtime_args, log_args, resolve_input_size, run_cli
@@ -28,7 +29,6 @@ from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.errors import UsageError
 from util.files import check_output_dir, write_atomic, write_text_atomic
 from util.knn import extract_features, knn_accuracy
-from util.models import build_classifier, check_buildable, resolve_classifier_name
 from util.seeding import seed_everything
 
 logger = logging.getLogger(__name__)

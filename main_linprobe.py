@@ -15,6 +15,14 @@ import torch
 from torch.utils.data import Dataset
 
 from engine_finetune import evaluate, fit
+from model_table import (
+    add_probe_head,
+    build_classifier,
+    check_buildable,
+    compile_model,
+    family_of,
+    resolve_classifier_name,
+)
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_common_args
@@ -29,7 +37,6 @@ from util.datasets import (
     val_loader,
 )
 from util.dist import wrap_ddp
-from util.models import add_probe_head, build_classifier, check_buildable, compile_model, resolve_classifier_name
 from util.optim import linprobe_optimizer, scaled_lr
 from util.run import open_outputs, start_run
 
@@ -168,6 +175,8 @@ def main(
     model = build_classifier(
         args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool, device, args.in_chans
     )
+    if family_of(args.model_name) == "mixmim":
+        logger.info("features: the pooled last stage (MixMIM; --cls_token and --global_pool choose for ViTs only)")
     if args.finetune and not args.eval:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)

@@ -14,6 +14,15 @@ import os
 from torch.utils.data import Dataset
 
 from engine_pretrain import fit
+from model_table import (
+    build_classifier,
+    build_pretrain_model,
+    check_buildable,
+    compile_model,
+    family_defaults,
+    family_of,
+    resolve_pretrain_name,
+)
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, resolve_input_size, run_cli, validate_common_args
@@ -23,14 +32,6 @@ from util.device_decode import DeviceCrop, read_encoded
 from util.dist import wrap_ddp
 from util.errors import UsageError
 from util.knn import PretrainingKNN
-from util.models import (
-    build_pretrain_model,
-    check_buildable,
-    compile_model,
-    family_defaults,
-    family_of,
-    resolve_pretrain_name,
-)
 from util.optim import pretrain_optimizer, scaled_lr
 from util.run import open_outputs, start_run
 
@@ -226,8 +227,8 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
         root = args.knn_data_path or args.data_path
         transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
         knn_sets = [image_folder(os.path.join(root, split), transform, args.in_chans) for split in ("train", "val")]
-        knn = PretrainingKNN(args.model_name, args.input_size, *knn_sets, args.nb_knn, args.batch_size, device,
-                             args.amp, args.num_workers, args.in_chans)  # fmt: skip
+        encoder = build_classifier(args.model_name, args.input_size, 1, 0.0, False, device, args.in_chans)
+        knn = PretrainingKNN(encoder, *knn_sets, args.nb_knn, args.batch_size, device, args.amp, args.num_workers)
 
     log_writer = open_outputs(args)
     return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position, knn)

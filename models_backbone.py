@@ -32,8 +32,8 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-import models_mixmim  # noqa: F401  (registers the MixMIM classifiers)
-import models_vit  # noqa: F401  (registers the ViT classifiers)
+from model_table import family_of, resolve_classifier_name
+from util.errors import UsageError
 
 
 def _projection(dim: int, out_channels: int) -> nn.Sequential:
@@ -128,9 +128,6 @@ def detection_backbone(
     ViT: ``SimpleFeaturePyramid``, any input size (the position embedding is interpolated on the fly from
     ``img_size``, default the model's). MixMIM: ``StageFeaturePyramid``, built for ``img_size`` (its largest input).
     """
-    from util.errors import UsageError
-    from util.models import family_of, resolve_classifier_name  # util.models imports the model modules
-
     name = resolve_classifier_name(model)
     if checkpoint and not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint {checkpoint} does not exist")

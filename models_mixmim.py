@@ -19,7 +19,7 @@ table to it at window count, not batch, size. Two attention paths compute the sa
 ``F.scaled_dot_product_attention``. Each attention module picks its path when it is built, as timm's: ``fused_attn``
 given to the factory, else timm's ``use_fused_attn()`` (SDPA; ``TIMM_FUSED_ATTN=0`` in the environment turns it off).
 On the CPU SDPA with a float bias runs its math kernel, a few per cent slower than the plain path for MixMIM-B
-(``benchmarks/bench_mixmim_attention.py``); the scripts' model builders (util/models.py) pick the plain path
+(``benchmarks/bench_mixmim_attention.py``); the scripts' model builders (model_table.py) pick the plain path
 there.
 
 Shape legend:
@@ -48,6 +48,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from models_mae import drop_timm_kwargs, init_weights_xavier
+from util.checkpoint import load_pretrained_state, state_dict_of
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -763,7 +764,7 @@ class MixMIMClassifier(MixMIMEncoder):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# factories (official names; the classifiers carry an ``_ft`` suffix: util/models.py maps the official
+# factories (official names; the classifiers carry an ``_ft`` suffix: model_table.py maps the official
 # fine-tuning names, which the official code registers in a second module, to them)
 
 _BASE = dict(embed_dim=128, num_heads=[4, 8, 16, 32])
@@ -794,8 +795,6 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     state dict for ``model``, with the project's ``--finetune`` rules (util/checkpoint.py ``load_pretrained_state``):
     the decoder and mask token dropped, position tables resized, a head of another shape left out, one-line errors
     for anything else that does not fit; keys the checkpoint lacks (the head) keep the model's initialisation."""
-    from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
-
     source = model.pretrained_cfg.get("file") or "the pretrained_cfg's weights"
     load_pretrained_state(model, dict(state_dict_of(state_dict)), source, head_init_std=None)
     return model.state_dict()

@@ -29,6 +29,8 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import vision_transformer as timm_vit
 
+from util.checkpoint import load_pretrained_state, state_dict_of
+
 __all__ = ["VisionTransformer", "checkpoint_filter_fn"]
 
 
@@ -75,8 +77,6 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     decoder and mask token dropped, position embeddings interpolated, a head of another shape left out, one-line
     errors for anything else that does not fit. Keys the checkpoint lacks (the head, ``fc_norm``) keep the
     model's initialisation."""
-    from util.checkpoint import load_pretrained_state, state_dict_of  # util imports this module
-
     source = model.pretrained_cfg.get("file") or "the pretrained_cfg's weights"
     load_pretrained_state(model, dict(state_dict_of(state_dict)), source, head_init_std=None)
     return model.state_dict()

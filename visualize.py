@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
+from model_table import build_pretrain_model, family_of, resolve_pretrain_name
 from util.checkpoint import load_checkpoint_file, load_model_strict, saved_args, state_dict_of
 from util.cli import input_size_value
 from util.datasets import load_tensor
@@ -40,7 +41,6 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
-from util.models import build_pretrain_model, family_of, resolve_pretrain_name
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model_table import build_pretrain_model  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.checkpoint import LAST, save_checkpoint  # noqa: E402
-from util.models import build_pretrain_model  # noqa: E402
 from util.optim import pretrain_optimizer  # noqa: E402
 
 

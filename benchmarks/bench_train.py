@@ -56,8 +56,8 @@ import engine_pretrain  # noqa: E402
 import models_mae  # noqa: E402,F401  (registers the models with timm)
 import models_mixmim  # noqa: E402,F401
 import models_vit  # noqa: E402,F401
+from model_table import compile_model, family_defaults, family_of, is_pretrain_model  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount, autocast  # noqa: E402
-from util.models import compile_model, family_defaults, family_of, is_pretrain_model  # noqa: E402
 from util.optim import finetune_optimizer, pretrain_optimizer  # noqa: E402
 
 logger = logging.getLogger("bench_train")
@@ -102,7 +102,7 @@ def build_model(name: str, args: argparse.Namespace, device: torch.device) -> nn
     kwargs = {}
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
-    if family_of(name) == "mixmim":  # the attention path the scripts build for this device (util/models.py)
+    if family_of(name) == "mixmim":  # the attention path the scripts build for this device (model_table.py)
         kwargs["fused_attn"] = device.type == "cuda"
     model = timm.create_model(name, **kwargs)
     if not is_pretrain_model(model):

@@ -35,10 +35,10 @@ from train_utils import NoiseFromImages, nan_at_call  # noqa: E402
 
 import engine_finetune  # noqa: E402
 import engine_pretrain  # noqa: E402
+from model_table import build_classifier, build_pretrain_model  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, wrap_ddp  # noqa: E402
 from util.errors import NonFiniteLossError  # noqa: E402
-from util.models import build_classifier, build_pretrain_model  # noqa: E402
 from util.optim import finetune_optimizer, pretrain_optimizer  # noqa: E402
 
 MODELS = {"mae": "mae_vit_tiny_patch4", "mixmim": "mixmim_tiny"}

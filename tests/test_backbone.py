@@ -150,7 +150,7 @@ def test_a_patch_size_that_is_not_a_power_of_two_is_refused() -> None:
 def test_a_fine_tuned_checkpoint_makes_a_backbone(tmp_path: Path, name: str, size: int, global_pool) -> None:
     """A classifier's checkpoint (its head left out; a ViT's global-pool or cls-token layout): the backbone's encoder
     weights are the checkpoint's."""
-    from util.models import build_classifier
+    from model_table import build_classifier
 
     torch.manual_seed(0)
     classifier = build_classifier(name, size, num_classes=7, drop_path_rate=0.0, global_pool=global_pool)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from model_table import build_classifier, build_pretrain_model
 from util.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint_file,
@@ -17,7 +18,6 @@ from util.checkpoint import (
     save_atomic,
 )
 from util.errors import UsageError
-from util.models import build_classifier, build_pretrain_model
 
 ASSETS = Path(__file__).parent / "assets"
 # loading into a meta-device model copies nothing; that is the point there

@@ -24,9 +24,9 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_mixmim
+from model_table import compile_model
 from util.amp import NativeScalerWithGradNormCount, autocast
 from util.metrics import StepMetrics
-from util.models import compile_model
 
 pytestmark = pytest.mark.cuda
 
@@ -121,7 +121,7 @@ def test_mixmim_sdpa_attention_follows_the_plain_one(dev, key: str, amp: str, re
 
 @pytest.mark.parametrize("key", ["mae_tiny", "mixmim_tiny"])
 def test_compiled_model_follows_eager_mode(dev, key: str, record_property) -> None:
-    """``util.models.compile_model`` (as --compile) under bf16, the scripts' precision on a GPU: the same masks
+    """``model_table.compile_model`` (as --compile) under bf16, the scripts' precision on a GPU: the same masks
     (eager random draws), the loss of 3 AdamW steps within 2e-2 relative of eager (fusion changes the rounding, not
     the math; fp32 is compared to 1e-5 on the CPU in test_train_e2e.py)."""
     losses = {}

@@ -10,7 +10,7 @@ from ddp_step import finetune_setup, finetune_step, setup, train_step
 from train_utils import NoiseFromImages, PerChunk, make_image_folder, parse, run_torchrun
 
 import main_finetune
-from util.models import build_classifier
+from model_table import build_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,10 @@ from train_utils import LossPerCall, NoiseFromImages, nan_at_call
 
 import engine_finetune
 import engine_pretrain
+from model_table import build_classifier, build_pretrain_model
 from util.amp import NativeScalerWithGradNormCount, grad_norm
 from util.errors import NonFiniteLossError
 from util.metrics import MetricLogger, StepMetrics
-from util.models import build_classifier, build_pretrain_model
 
 CPU = torch.device("cpu")
 

@@ -10,8 +10,8 @@ import torch
 from train_utils import make_image_folder, parse, run_torchrun
 
 import main_knn
+from model_table import build_classifier, build_pretrain_model
 from util.knn import knn_accuracy, knn_classify
-from util.models import build_classifier, build_pretrain_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,9 +158,9 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
 def test_layer_features_are_the_mean_of_that_blocks_map(tmp_path: Path, model: str, layer: int, module: str) -> None:
     """--layer: each image's feature is the average over positions of the block's (ViT: patch tokens, without the
     cls token) or stage's (MixMIM: before its merging) output, read by a hook during a plain forward."""
+    from model_table import resolve_classifier_name
     from util.datasets import eval_transform, image_folder
     from util.errors import UsageError
-    from util.models import resolve_classifier_name
 
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=2)
     torch.manual_seed(0)

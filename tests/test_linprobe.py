@@ -12,7 +12,7 @@ from train_utils import make_image_folder, parse, tiny_run_args
 
 import main_linprobe
 import models_vit
-from util.models import add_probe_head, build_pretrain_model
+from model_table import add_probe_head, build_pretrain_model
 
 FAMILIES = {"mae": ("mae_vit_tiny_patch4", "vit_tiny_patch4"), "mixmim": ("mixmim_tiny", "mixmim_tiny")}
 

@@ -9,8 +9,8 @@ import timm
 import torch
 
 import models_mixmim
+from model_table import resolve_classifier_name
 from util.lr_decay import param_groups_lrd
-from util.models import resolve_classifier_name
 from util.pos_embed import interpolate_pos_embed_mixmim
 
 ASSETS = Path(__file__).parent / "assets"

@@ -13,8 +13,8 @@ import torch
 import models_mae
 import models_mixmim
 import models_vit
+from model_table import add_probe_head
 from util.lars import LARS
-from util.models import add_probe_head
 from util.optim import absolute_lr, finetune_optimizer, linprobe_optimizer, pretrain_optimizer
 
 

@@ -20,6 +20,7 @@ import main_finetune
 import main_knn
 import main_linprobe
 import main_pretrain
+from model_table import build_classifier, build_pretrain_model
 from util.checkpoint import load_pretrained
 from util.data_stats import estimate_data_stats
 from util.datasets import (
@@ -32,7 +33,6 @@ from util.datasets import (
     train_loader,
 )
 from util.errors import BadImageError, UsageError
-from util.models import build_classifier, build_pretrain_model
 
 # ------------------------------------------------------------------------------------------------ generated data
 

@@ -10,10 +10,10 @@ from PIL import Image
 from train_utils import parse, tiny_run_args
 
 import main_pretrain
+from model_table import build_pretrain_model
 from util.checkpoint import load_model_strict
 from util.datasets import load_tensor
 from util.fashion_mnist import DEFAULT_DATA_PATH, FILES, FashionMNISTImages, prepare_root
-from util.models import build_pretrain_model
 
 HAVE_DATA = all((Path(DEFAULT_DATA_PATH) / f"{name}.gz").is_file() for name in FILES)
 PRETRAIN_IMAGES, TEST_IMAGES, EPOCHS, BATCH_SIZE, BLR = 384, 200, 1, 32, 1.5e-3

@@ -8,12 +8,12 @@ import pytest
 import timm
 import torch
 
-import util.models as table
+import model_table as table
 from util import faults
 from util.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["main_pretrain.py", "main_finetune.py", "main_linprobe.py", "visualize.py"]
+SCRIPTS = ["main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_knn.py", "visualize.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -21,9 +21,35 @@ def test_entry_scripts_import_no_other_script(script: str) -> None:
     tree = ast.parse((ROOT / script).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    scripts = {p.stem for p in ROOT.glob("*.py")} - {"models_mae", "models_vit", "models_mixmim", "models_backbone"}
+    scripts = {p.stem for p in ROOT.glob("*.py")} - MODEL_FILES
     scripts -= {"engine_pretrain", "engine_finetune"}  # the engines are modules, imported by the scripts
     assert not imported & scripts, f"{script} imports {sorted(imported & scripts)}"
+
+
+MODEL_FILES = {"models_mae", "models_vit", "models_mixmim", "models_backbone", "model_table"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "util").glob("*.py")), ids=lambda p: p.name)
+def test_util_imports_no_model_file(path: Path) -> None:
+    """Imports point down: the model files and the model table import util/, never the other way round."""
+    up = {name for name in _imported_modules(path) if name.split(".")[0] in MODEL_FILES}
+    assert not up, f"util/{path.name} imports {sorted(up)}"
+
+
+def test_the_model_files_import_each_other_only_downwards() -> None:
+    """models_mae <- models_vit, models_mixmim <- model_table <- models_backbone: no circle."""
+    order = ["models_mae", "models_vit", "models_mixmim", "model_table", "models_backbone"]
+    for i, name in enumerate(order):
+        later = {m for m in _imported_modules(ROOT / f"{name}.py") if m in order[i:]}
+        assert not later, f"{name}.py imports {sorted(later)}, which sit above it"
 
 
 def test_the_table_names_every_registered_model_once() -> None:
@@ -32,7 +58,7 @@ def test_the_table_names_every_registered_model_once() -> None:
         registered |= set(timm.list_models(module=module))
     named = [n for a in table.ARCHITECTURES for n in (a.pretrain, a.classifier, *a.official_names) if n]
     assert len(named) == len(set(named))
-    assert registered <= set(named), f"not in util/models.py's table: {sorted(registered - set(named))}"
+    assert registered <= set(named), f"not in model_table.py's table: {sorted(registered - set(named))}"
 
 
 @pytest.mark.parametrize("arch", table.ARCHITECTURES, ids=lambda a: a.classifier)
@@ -53,7 +79,7 @@ def test_each_architecture_answers_every_question(arch: table.Architecture) -> N
         assert table.resolve_classifier_name(arch.pretrain) == arch.classifier
         assert table.resolve_pretrain_name(arch.classifier) == arch.pretrain
     else:
-        with pytest.raises(UsageError, match="unknown pretraining --model"):
+        with pytest.raises(UsageError, match="there is no pretraining model"):
             table.resolve_pretrain_name(arch.classifier)
 
 

@@ -10,8 +10,8 @@ from train_utils import make_image_folder, parse, tiny_run_args
 import main_finetune
 import main_linprobe
 import main_pretrain
+from model_table import family_of, resolve_classifier_name, resolve_pretrain_name
 from util.errors import UsageError
-from util.models import family_of, resolve_classifier_name, resolve_pretrain_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,25 @@ def test_every_script_takes_both_families(name: str, pretrain: str, classifier: 
 
 
 def test_unknown_model_lists_the_choices() -> None:
-    with pytest.raises(UsageError, match="unknown pretraining --model 'mae_vit_giant'.*mae_vit_base_patch16"):
+    """Every name that is accepted is listed, the aliases too, and each resolves to the model it is listed with."""
+    with pytest.raises(UsageError, match="unknown pretraining --model 'mae_vit_giant'") as pre:
         resolve_pretrain_name("mae_vit_giant")
+    with pytest.raises(UsageError, match="unknown classifier --model 'vit_giant'") as clf:
+        resolve_classifier_name("vit_giant")
+    for message, resolve in ((str(pre.value), resolve_pretrain_name), (str(clf.value), resolve_classifier_name)):
+        listed = message.split("choose one of: ")[1]
+        for entry in listed.split("), ") if "(" in listed else listed.split(", "):
+            own, _, others = entry.rstrip(")").partition(" (also ")
+            for alias in filter(None, others.split(", ")):
+                assert resolve(alias) == resolve(own) or resolve(alias) == alias, entry
+    assert "mae_vit_base_patch16 (also mae_vit_base_patch16_dec512d8b, vit_base_patch16)" in str(pre.value)
+    assert "mixmim_base_384_ft (also mixmim_base_384)" in str(clf.value)
+    assert "mixmim_base_384" not in str(pre.value)  # no pretraining model of that size
+
+
+def test_a_classifier_without_a_pretraining_model_says_so() -> None:
+    with pytest.raises(UsageError, match="there is no pretraining model 'mixmim_base_384': it is a classifier"):
+        resolve_pretrain_name("mixmim_base_384")
 
 
 def run(script: str, *argv: str) -> subprocess.CompletedProcess:

@@ -23,8 +23,8 @@ from util import faults, pos_embed
 from util.cli import args_to_dict
 from util.dist import get_world_size, is_main_process
 from util.errors import UsageError
+from util.families import FAMILY_TITLE, family_of_module, family_of_state_dict, unwrap
 from util.files import fsync_dir, temp_path, write_atomic
-from util.models import FAMILY_TITLE, family_of, family_of_state_dict, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def load_resume(
 def interpolate_pos_embed_any(model: nn.Module, state_dict: dict, grid: tuple[int, int] | None = None) -> None:
     """Resize position embeddings / relative-position tables of ``state_dict`` in place to fit ``model`` (an MAE's
     decoder position embedding too). ``grid``: the checkpoint's patch grid (Gh, Gw) when known (ViT / MAE)."""
-    if family_of(model) == "mixmim":
+    if family_of_module(model) == "mixmim":
         pos_embed.interpolate_pos_embed_mixmim(model, state_dict)
     else:
         pos_embed.interpolate_pos_embed(model, state_dict, orig_grid=grid)
@@ -357,7 +357,7 @@ def load_pretrained_state(
     changed in place (head dropped, position embeddings resized). ``grid``: its patch grid (Gh, Gw) when known
     (else square, or the model's when the sizes match: ``interpolate_pos_embed``)."""
     own = model.state_dict()
-    ck_family, own_family = family_of_state_dict(state_dict), family_of(model)
+    ck_family, own_family = family_of_state_dict(state_dict), family_of_module(model)
     if ck_family and ck_family != own_family:
         raise UsageError(
             f"--finetune {path} is a {FAMILY_TITLE[ck_family]} checkpoint but the model is {FAMILY_TITLE[own_family]}"

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.amp import autocast
+from util.checkpoint import load_pretrained_state
 from util.datasets import CheckedImages, CheckedLoader, CollateSkippingBad
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
+from util.families import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +128,12 @@ def knn_accuracy(
 
 class PretrainingKNN:
     """k-NN of a pretraining model's encoder during pretraining (``main_pretrain.py --knn_freq``): its weights are
-    copied into the classifier of its architecture (as ``--finetune`` loads them), whose features are voted on.
-    Call on every rank."""
+    copied into ``encoder``, the classifier of its architecture (as ``--finetune`` loads them), whose features are
+    voted on. Call on every rank."""
 
     def __init__(
         self,
-        model_name: str,
-        input_size: int | tuple[int, int],
+        encoder: torch.nn.Module,
         train: Dataset,
         val: Dataset,
         ks: list[int],
@@ -140,20 +141,12 @@ class PretrainingKNN:
         device: torch.device,
         amp: str = "none",
         num_workers: int = 0,
-        in_chans: int = 3,
     ):
-        from util.models import build_classifier, resolve_classifier_name
-
-        name = resolve_classifier_name(model_name)
-        self.encoder = build_classifier(name, input_size, 1, 0.0, False, device, in_chans)
-        self.encoder.to(device)
+        self.encoder = encoder.to(device)
         self.train, self.val, self.ks, self.batch_size = train, val, ks, batch_size
         self.device, self.amp, self.num_workers = device, amp, num_workers
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        from util.checkpoint import load_pretrained_state
-        from util.models import unwrap
-
         source = unwrap(model)
         state = {k: v.detach().clone() for k, v in source.state_dict().items()}
         grid = tuple(source.patch_embed.grid_size) if hasattr(source.patch_embed, "grid_size") else None

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 
 import torch.nn as nn
 
+from util.families import family_of_module
+
 
 def get_layer_id_for_vit(name: str, num_layers: int) -> int:
     """Layer id of a ViT parameter: 0 for embeddings, i+1 for block i, num_layers for the norm and head."""
@@ -39,9 +41,7 @@ def get_layer_id_for_mixmim(name: str, num_layers: list[int]) -> int:
 
 def _layer_id_fn(model: nn.Module) -> tuple[int, Callable[[str], int]]:
     """(number of layers, name -> layer id) for a ViT (``model.blocks``) or a MixMIM encoder (``model.layers``)."""
-    from util.models import family_of  # util.models imports the model modules, which need nothing from here
-
-    if family_of(model) == "mae":
+    if family_of_module(model) == "mae":
         num_layers = len(model.blocks) + 1
         return num_layers, lambda n: get_layer_id_for_vit(n, num_layers)
     per_stage = [len(stage.blocks) for stage in model.layers]

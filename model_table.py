@@ -5,11 +5,11 @@ One entry per architecture pairs a pretraining model with its classifier (``mae_
 family (``family_of``), whether it is a pretraining model (``is_pretrain_model``), the classifier of a pretraining
 name and back (``resolve_classifier_name``, ``resolve_pretrain_name``: each script also takes the other kind's name
 of the same architecture, and the official MixMIM scripts' names), its default input size, its family's official
-defaults (mask ratio, checkpoint cadence), and which state-dict keys mark a family's checkpoint. An unknown name or
-an input size the model cannot take is a ``UsageError``.
+defaults (mask ratio, checkpoint cadence). An unknown name or an input size the model cannot take is a
+``UsageError``. It sits above the model files (it imports them); which family a checkpoint's keys belong to is
+``util/families.py``'s question, below them.
 """
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -22,8 +22,7 @@ import models_mixmim
 import models_vit
 from util.cli import input_size_value
 from util.errors import UsageError
-
-logger = logging.getLogger(__name__)
+from util.families import unwrap
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,6 @@ _CLASSES = {
     models_mixmim.MixMIM: ("mixmim", "pretrain"),
     models_mixmim.MixMIMClassifier: ("mixmim", "classifier"),
 }
-# the state-dict key prefix of each family's transformer blocks (ViT: blocks.*, MixMIM's stages: layers.*): the
-# family of a checkpoint that does not name its model (the official ones), and its name in messages
-FAMILY_KEY_PREFIX = {"mae": "blocks.", "mixmim": "layers."}
-FAMILY_TITLE = {"mae": "ViT (MAE)", "mixmim": "MixMIM"}
 
 
 @dataclass(frozen=True)
@@ -84,30 +79,24 @@ def _architecture(name: str) -> Architecture | None:
     return None
 
 
-def pretrain_model_names() -> list[str]:
-    return sorted(a.pretrain for a in ARCHITECTURES if a.pretrain)
-
-
-def classifier_model_names() -> list[str]:
-    return sorted(a.classifier for a in ARCHITECTURES)
+def accepted_names(task: str) -> str:
+    """The ``--model`` names a pretraining (``task="pretrain"``) or classifier script takes, for messages: each
+    model's own name, then the other names that build it (the official aliases, the other kind's name)."""
+    entries = []
+    for arch in ARCHITECTURES:
+        own = arch.pretrain if task == "pretrain" else arch.classifier
+        if own is None:
+            continue
+        others = [n for n in (*arch.official_names, arch.classifier, arch.pretrain) if n and n != own]
+        entries.append(f"{own} (also {', '.join(others)})" if others else own)
+    return ", ".join(entries)
 
 
 def _unknown(name: str) -> UsageError:
     return UsageError(
-        f"unknown --model {name!r}; pretraining models: {', '.join(pretrain_model_names())}; "
-        f"classifiers: {', '.join(classifier_model_names())}"
+        f"unknown --model {name!r}; pretraining models: {accepted_names('pretrain')}; "
+        f"classifiers: {accepted_names('classifier')}"
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def _kind(model: nn.Module) -> tuple[str, str]:
@@ -145,20 +134,16 @@ def family_defaults(name_or_model: str | nn.Module) -> FamilyDefaults:
     return FAMILY_DEFAULTS[family_of(name_or_model)]
 
 
-def family_of_state_dict(keys) -> str | None:
-    """The family whose blocks the state dict's keys hold, or None."""
-    keys = list(keys)
-    for family, prefix in FAMILY_KEY_PREFIX.items():
-        if any(k.startswith(prefix) for k in keys):
-            return family
-    return None
-
-
 def resolve_pretrain_name(name: str) -> str:
     """The pretraining model for ``--model`` in main_pretrain.py (a classifier's name gives its pretraining model)."""
     arch = _architecture(name)
-    if arch is None or arch.pretrain is None:
-        raise UsageError(f"unknown pretraining --model {name!r}; choose one of: {', '.join(pretrain_model_names())}")
+    if arch is None:
+        raise UsageError(f"unknown pretraining --model {name!r}; choose one of: {accepted_names('pretrain')}")
+    if arch.pretrain is None:
+        raise UsageError(
+            f"there is no pretraining model {name!r}: it is a classifier for fine-tuning at {arch.input_size} "
+            f"(pretrain at 224, then fine-tune it with --finetune); pretraining models: {accepted_names('pretrain')}"
+        )
     return name if name in arch.official_names and timm.is_model(name) else arch.pretrain
 
 
@@ -167,7 +152,7 @@ def resolve_classifier_name(name: str) -> str:
     official MixMIM name, gives its classifier)."""
     arch = _architecture(name)
     if arch is None:
-        raise UsageError(f"unknown classifier --model {name!r}; choose one of: {', '.join(classifier_model_names())}")
+        raise UsageError(f"unknown classifier --model {name!r}; choose one of: {accepted_names('classifier')}")
     return arch.classifier
 
 
@@ -239,14 +224,12 @@ def build_classifier(
 ) -> nn.Module:
     """A classifier (ViT or MixMIM) for fine-tuning or linear probing, for images of ``in_chans`` channels.
 
-    ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM always pools (``--cls_token`` is ignored).
+    ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM classifiers always pool their last stage.
     """
     resolved = resolve_classifier_name(name)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans)
     if family_of(resolved) == "mae":
         kwargs["global_pool"] = bool(global_pool)
-    elif global_pool is False:
-        logger.warning("--cls_token is ignored for %s: MixMIM classifiers pool the last stage's tokens", resolved)
     return _create(resolved, input_size, device, **kwargs)
 
 
