@@ -7,10 +7,12 @@ warnings and errors only (no ``builtins.print`` replacement).
 import argparse
 import contextlib
 import datetime
+import itertools
 import logging
 import os
-import subprocess
+import re
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -62,16 +64,77 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
-def _slurm_master_addr() -> str:
-    """First host of the SLURM job, the rendezvous host for all tasks."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+_MAX_RANGE = 64 * 1024  # hosts in one range a-b; SLURM refuses more as well
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The host names of a SLURM node list, in SLURM's order (what ``scontrol show hostnames`` prints).
+
+    ``node[01-03],gpu7`` -> node01, node02, node03, gpu7. A bracket holds numbers and ranges (``[1,3,5-7]``), each
+    written with the width of its first number (``[08-10]``: 08, 09, 10; ``[8-10]``: 8, 9, 10). Several brackets in
+    one name give every combination, the first bracket varying slowest (``rack[1-2]-n[1-2]``: rack1-n1, rack1-n2,
+    rack2-n1, rack2-n2). A malformed list is a ``UsageError``.
+    """
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
-        )
-        return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0]
+        return [host for name in _split_names(nodelist) for host in _expand_name(name)]
+    except ValueError as e:
+        raise UsageError(f"malformed SLURM node list {nodelist!r}: {e}") from None
+
+
+def _split_names(nodelist: str) -> list[str]:
+    """``a[1-2],b3`` -> ``a[1-2]``, ``b3``: split at the commas outside brackets."""
+    names, inside, start = [], False, 0
+    for i, c in enumerate(nodelist):
+        if c == "[":
+            if inside:
+                raise ValueError("'[' inside brackets")
+            inside = True
+        elif c == "]":
+            if not inside:
+                raise ValueError("']' without '['")
+            inside = False
+        elif c == "," and not inside:
+            names.append(nodelist[start:i])
+            start = i + 1
+    if inside:
+        raise ValueError("'[' without ']'")
+    return [*names, nodelist[start:]]
+
+
+def _expand_name(name: str) -> list[str]:
+    """``rack[1-2]-n[1,3]`` -> rack1-n1, rack1-n3, rack2-n1, rack2-n3."""
+    if not name:
+        raise ValueError("an empty host name (a comma at an end, or two in a row)")
+    if any(c.isspace() for c in name):
+        raise ValueError(f"white space in {name!r}")
+    parts = re.split(r"\[([^\]]*)\]", name)  # literal, bracket, literal, ..., bracket, literal
+    choices = [[part] if k % 2 == 0 else _expand_ranges(part) for k, part in enumerate(parts)]
+    return ["".join(combination) for combination in itertools.product(*choices)]
+
+
+def _expand_ranges(ranges: str) -> list[str]:
+    """A bracket's content, ``1,3,5-7`` -> 1, 3, 5, 6, 7, each as wide as its range's first number."""
+    numbers = []
+    for r in ranges.split(","):
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", r)
+        if not m:
+            raise ValueError(f"{r!r} in [{ranges}] is neither a number nor a range a-b")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if lo > hi:
+            raise ValueError(f"range {r!r} goes down")
+        if hi - lo + 1 > _MAX_RANGE:
+            raise ValueError(f"range {r!r} has more than {_MAX_RANGE} hosts")
+        numbers += [str(n).zfill(len(m[1])) for n in range(lo, hi + 1)]
+    return numbers
+
+
+def slurm_master_addr(env: Mapping[str, str]) -> str:
+    """The rendezvous host of ``srun``'s tasks: the first node of the step (where task 0 runs), else of the job;
+    127.0.0.1 without a node list."""
+    for key in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if env.get(key):
+            return expand_nodelist(env[key])[0]
+    return "127.0.0.1"
 
 
 def init_distributed_mode(args: argparse.Namespace) -> None:
@@ -93,7 +156,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local_rank = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_ADDR", slurm_master_addr(env))
         env.setdefault("MASTER_PORT", str(getattr(args, "port", 29500)))
         for k, v in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
             env[k] = str(v)
