@@ -92,10 +92,12 @@ def fit(
     log_writer: SummaryWriter | None = None,
     position: dict | None = None,
     knn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    vis: Callable[[torch.nn.Module, int, SummaryWriter | None], object] | None = None,
 ) -> dict[str, float]:
     """The pretraining epochs from ``--start_epoch`` (at ``position``'s step when resumed inside it): train,
-    checkpoint, ``knn(model)`` every ``--knn_freq`` epochs and at the last, log; returns the last epoch's
-    averages."""
+    checkpoint, ``knn(model)`` every ``--knn_freq`` epochs and at the last, ``vis(model, epoch, log_writer)`` (the
+    main process's reconstructions) every ``--vis_freq`` epochs (``epoch % vis_freq == 0``, as ``--save_freq``)
+    and at the last, log; returns the last epoch's averages."""
     logger.info("Start training for %d epochs", args.epochs)
     start_time = time.time()
     train_stats: dict[str, float] = {}
@@ -121,6 +123,8 @@ def fit(
             if log_writer is not None:
                 for key, value in knn_stats.items():
                     log_writer.add_scalar(f"knn/{key}", value, epoch)
+        if vis is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            vis(model, epoch, log_writer)
         log_epoch(args, log_writer, log_stats, {"train": (data_loader, True)}, device)
         stop_if_preempted(args, epoch, control)
     finish_training(log_writer, start_time)

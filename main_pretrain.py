@@ -29,10 +29,11 @@ from util.cli import add_input_size_arg, add_runtime_args, resolve_input_size, r
 from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.datasets import eval_transform, image_folder, pretrain_dataset, pretrain_transform, train_loader
 from util.device_decode import DeviceCrop, read_encoded
-from util.dist import wrap_ddp
+from util.dist import is_main_process, wrap_ddp
 from util.errors import UsageError
 from util.knn import PretrainingKNN
 from util.optim import pretrain_optimizer, scaled_lr
+from util.reconstruction import FIXED_IMAGES, ReconstructionLog, fixed_images
 from util.run import open_outputs, start_run
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "image paths (one per line, relative to the file's folder)",
     )
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument(
+        "--log_dir", default=None, help="path where to tensorboard log (default: --output_dir; '': none)"
+    )
     parser.add_argument(
         "--device", default=None, help="device to use for training / testing (default: cuda if available, else cpu)"
     )
@@ -137,6 +140,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn.add_argument("--knn_data_path", default="", help="a labelled ImageFolder with train/ and val/ (default: "
                      "--data_path)")  # fmt: skip
     knn.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="number of neighbours, one or more")
+    parser.add_argument_group("reconstructions during pretraining (not in the official scripts)").add_argument(
+        "--vis_freq", default=0, type=int, help=f"every N epochs (epoch %% N == 0, as --save_freq) and at the last, "
+        f"the reconstructions of the first {FIXED_IMAGES} training images (evaluation transform, the same masks each "
+        "time) in TensorBoard (reconstructions) and output_dir/reconstructions/epoch_{epoch}.png; 0: off")  # fmt: skip
 
     parser.add_argument_group("data loading (not in the official scripts)").add_argument(
         "--decode_on_device", action="store_true", help="decode the JPEGs, crop, resize and flip on the device "
@@ -168,6 +175,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.knn_freq and not args.knn_data_path and os.path.isfile(args.data_path):
         raise UsageError("--knn_freq needs labelled train/ and val/ folders: --data_path is a list file, pass "
                          "--knn_data_path")  # fmt: skip
+    if args.vis_freq < 0:
+        raise UsageError(f"--vis_freq must be >= 0, got {args.vis_freq}")
+    if args.vis_freq and not (args.output_dir or args.log_dir):
+        raise UsageError("--vis_freq writes to --output_dir and TensorBoard's --log_dir: give at least one")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if family_of(args.model_name) == "mixmim" and args.batch_size < 2:
@@ -190,8 +201,9 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
     (C, H, W) images are normalised on the device, float ones are taken as they are.
     """
     device = start_run(args, check_args)
-    if dataset_train is None:
-        dataset_train = pretrain_dataset(args.data_path.rstrip("/"), None, args.in_chans)
+    from_files = dataset_train is None
+    if from_files:
+        dataset_train = pretrain_dataset(args.data_path.rstrip("/"), None, args.in_chans, args.skip_bad_images)
         args.mean, args.std = resolve_data_stats(args, dataset_train)  # --data_stats auto reads the raw images
         # 3 channels: uint8 images, normalised on the device by the engine; others: float, normalised here
         if args.decode_on_device:  # the same draws; decoding and resizing move to the engine's samples.to(device)
@@ -228,10 +240,19 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
         transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
         knn_sets = [image_folder(os.path.join(root, split), transform, args.in_chans) for split in ("train", "val")]
         encoder = build_classifier(args.model_name, args.input_size, 1, 0.0, False, device, args.in_chans)
-        knn = PretrainingKNN(encoder, *knn_sets, args.nb_knn, args.batch_size, device, args.amp, args.num_workers)
+        knn = PretrainingKNN(
+            encoder, *knn_sets, args.nb_knn, args.batch_size, device, args.amp, args.num_workers, args.skip_bad_images
+        )
+
+    vis = None
+    if args.vis_freq and is_main_process():  # the files anew with the evaluation transform, or the items passed in
+        transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std) if from_files else None
+        pairs = family_of(args.model_name) == "mixmim"
+        images = fixed_images(dataset_train, FIXED_IMAGES, args.mean, args.std, transform, pairs)
+        vis = ReconstructionLog(images, args.mask_ratio, args.seed, (args.mean, args.std), args.output_dir)
 
     log_writer = open_outputs(args)
-    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position, knn)
+    return fit(args, model, data_loader_train, optimizer, loss_scaler, device, log_writer, position, knn, vis)
 
 
 if __name__ == "__main__":

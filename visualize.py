@@ -10,12 +10,8 @@ official ones that hold the decoder (``mae_visualize_vit_*.pth``; MixMIM pretrai
 Images of another channel count than 3 (``--in_chans`` of the checkpoint's run) are normalised with the checkpoint's
 ``data_stats`` (or ``--mean`` / ``--std``) and shown as grey-scale, their first channel.
 
-MAE masks each image on its own; masked patches are shown grey (zero after normalisation), as in the notebook.
-MixMIM masks with one mask per batch and fills each image's masked cells with those of its partner (the batch in
-reverse order), so it needs at least two images; the reconstruction puts each cell's prediction back in place, from
-whichever of the two decoder rows had that cell hidden. For models trained with ``norm_pix_loss`` the predictions are
-per-patch normalised pixels; they are shown with the mean and variance of the original patch, as the target was
-normalised (so a patch's brightness comes from the original; its content from the model).
+How the panels are drawn (masks, MixMIM's mixed input, ``norm_pix_loss`` predictions): ``util/reconstruction.py``,
+which ``main_pretrain.py --vis_freq`` shares.
 """
 
 import argparse
@@ -26,9 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from model_table import build_pretrain_model, family_of, resolve_pretrain_name
+from model_table import build_pretrain_model, family_defaults, family_of, resolve_pretrain_name
 from util.checkpoint import load_checkpoint_file, load_model_strict, saved_args, state_dict_of
 from util.cli import input_size_value
 from util.datasets import load_tensor
@@ -41,108 +37,19 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
+from util.reconstruction import (  # noqa: F401  GAP, TITLE_HEIGHT, panel_size: the panels' layout, for callers
+    GAP,
+    TITLE_HEIGHT,
+    panel_size,
+    reconstruction_panels,
+    stack,
+)
 
 logger = logging.getLogger(__name__)
-
-TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
-MIXMIM_TITLES = ("original", "mixed", "reconstruction", "reconstruction + visible")
-GAP = 4  # pixels between and around the panels
-TITLE_HEIGHT = 14  # pixels above the panels for their titles
 
 
 def is_mixmim(model: nn.Module) -> bool:
     return family_of(model) == "mixmim"
-
-
-def _denorm_patches(model: nn.Module, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Predicted patches (N, L, P) in image space: undo the per-patch target normalisation of norm_pix_loss."""
-    if not model.norm_pix_loss:
-        return pred
-    target = model.patchify(imgs)  # (N, L, P)
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return pred * (var + 1.0e-6) ** 0.5 + mean
-
-
-@torch.no_grad()
-def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float | None = None) -> dict[str, torch.Tensor]:
-    """Run a pretraining model on normalised images (N, C, H, W); returns normalised (N, C, H, W) images.
-
-    Keys: ``original``, ``masked`` (MAE: masked patches zeroed; MixMIM: the mixed input), ``reconstruction``,
-    ``pasted`` (the visible patches of the original, the reconstruction elsewhere) and ``mask`` (N, 1, H, W),
-    1 where the image was hidden from the encoder. The masks come from the global torch (and, for MixMIM,
-    Python ``random``) RNG: seed them for reproducible pictures. ``mask_ratio`` defaults to the family's (0.75
-    for MAE, 0.5 for MixMIM).
-    """
-    model.eval()
-    if is_mixmim(model):
-        if imgs.shape[0] < 2:
-            raise ValueError("MixMIM mixes each image with another of the batch: give at least 2 images")
-        _, x_rec, mask = model(imgs, mask_ratio=0.5 if mask_ratio is None else mask_ratio)  # (2N, Lo, P), (1, Lo, 1)
-        pred = _denorm_patches(model, imgs, model.unmix(x_rec, mask))  # (N, Lo, P)
-        mask = mask.expand(imgs.shape[0], -1, -1)  # (N, Lo, 1)
-    else:
-        _, pred, mask = model(imgs, mask_ratio=0.75 if mask_ratio is None else mask_ratio)  # (N, L, P), (N, L)
-        pred = _denorm_patches(model, imgs, pred)
-        mask = mask.unsqueeze(-1)  # (N, L, 1)
-    recon = model.unpatchify(pred)  # (N, C, H, W)
-    mask = model.unpatchify(mask.expand(-1, -1, pred.shape[-1] // imgs.shape[1]))  # (N, 1, H, W), 1 is hidden
-    if is_mixmim(model):
-        masked = imgs * (1 - mask) + imgs.flip(0) * mask  # the encoder's mixed input
-    else:
-        masked = imgs * (1 - mask)
-    return {
-        "original": imgs,
-        "masked": masked,
-        "reconstruction": recon,
-        "pasted": imgs * (1 - mask) + recon * mask,
-        "mask": mask,
-    }
-
-
-def to_pil(img: torch.Tensor, scale: int = 1, stats: tuple | None = None) -> Image.Image:
-    """A normalised (C, H, W) image -> an RGB PIL image, upscaled ``scale`` times (nearest neighbour). ``stats``:
-    the (mean, std) it was normalised with (default ImageNet's); other channel counts than 3 show channel 0 in grey."""
-    img = img.detach().float().cpu()
-    if stats is None:
-        pixels = denormalize(img)
-    else:
-        mean, std = (torch.tensor(v).view(-1, 1, 1) for v in stats)
-        pixels = (img * std + mean).clamp(0, 1)
-    if pixels.shape[0] != 3:
-        pixels = pixels[:1].expand(3, -1, -1)  # (3, H, W) grey
-    rgb = (pixels * 255).round().to(torch.uint8)  # (3, H, W)
-    pil = Image.fromarray(rgb.permute(1, 2, 0).numpy(), mode="RGB")
-    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale != 1 else pil
-
-
-def panel_size(height: int, width: int, scale: int = 1, columns: int = 4) -> tuple[int, int]:
-    """(width, height) of the PNG that ``make_panel`` writes for images of ``height`` x ``width``."""
-    return columns * width * scale + (columns + 1) * GAP, TITLE_HEIGHT + height * scale + 2 * GAP
-
-
-def make_panel(
-    images: list[torch.Tensor], titles: tuple[str, ...], scale: int = 1, stats: tuple | None = None
-) -> Image.Image:
-    """Normalised (C, H, W) images side by side on white, each under its title (``stats``: as ``to_pil``)."""
-    tiles = [to_pil(img, scale, stats) for img in images]
-    w, h = tiles[0].size
-    canvas = Image.new("RGB", panel_size(h, w, 1, len(tiles)), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for i, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
-        x = GAP + i * (w + GAP)
-        canvas.paste(tile, (x, TITLE_HEIGHT + GAP))
-        text = title
-        while draw.textlength(text, font=font) > w and len(text) > 1:  # shorten titles wider than small tiles
-            text = text[:-1]
-        draw.text((x, 1), text, fill="black", font=font)
-    return canvas
-
-
-def default_scale(side: int) -> int:
-    """Upscale small images so that each panel is at least ~128 pixels wide."""
-    return max(1, 128 // side)
 
 
 def save_reconstructions(
@@ -158,40 +65,20 @@ def save_reconstructions(
     """One PNG per image (``{prefix}_{i}.png``) and all of them stacked (``{prefix}s.png``); returns the paths.
 
     imgs: (N, C, H, W) images normalised with ``stats`` ((mean, std); default ImageNet's), on the model's device.
-    The masks are drawn after seeding torch and Python ``random`` with ``seed`` (the notebook uses
-    ``torch.manual_seed(2)``); the global RNG states are restored after.
+    The masks come from ``seed`` (the notebook uses ``torch.manual_seed(2)``; on the CPU the masks are the same);
+    ``mask_ratio`` defaults to the family's (0.75 for MAE, 0.5 for MixMIM).
     """
-    import random
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    scale = scale or default_scale(imgs.shape[-1])
-    cpu_state, py_state = torch.random.get_rng_state(), random.getstate()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        torch.manual_seed(seed)
-        random.seed(seed)
-        out = reconstruct(model, imgs, mask_ratio)
-    finally:
-        torch.random.set_rng_state(cpu_state)
-        random.setstate(py_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-    titles = MIXMIM_TITLES if is_mixmim(model) else TITLES
-    paths, panels = [], []
-    for i in range(imgs.shape[0]):
-        panel = make_panel(
-            [out[k][i] for k in ("original", "masked", "reconstruction", "pasted")], titles, scale, stats
-        )
-        path = output_dir / f"{prefix}_{i}.png"
-        panel.save(path)
-        paths.append(path)
-        panels.append(panel)
-    grid = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    if mask_ratio is None:
+        mask_ratio = family_defaults(model).mask_ratio
+    panels = reconstruction_panels(model, imgs, mask_ratio, seed, scale, stats)
+    paths = []
     for i, panel in enumerate(panels):
-        grid.paste(panel, (0, i * panels[0].height))
+        paths.append(output_dir / f"{prefix}_{i}.png")
+        panel.save(paths[-1])
     grid_path = output_dir / f"{prefix}s.png"
-    grid.save(grid_path)
+    stack(panels).save(grid_path)
     logger.info("wrote %d reconstructions to %s (all in %s)", len(paths), output_dir, grid_path.name)
     return paths
 
@@ -281,8 +168,16 @@ def load_images(
 
 
 def fashion_mnist_images(data_path: str, num: int, size: int, cache_dir: str | None = None) -> torch.Tensor:
-    """The first ``num`` Fashion-MNIST test images as (num, 3, size, size) normalised tensors."""
-    dataset = FashionMNISTImages(prepare_root(data_path, cache_dir), train=False, img_size=size)
+    """The first ``num`` Fashion-MNIST test images as (num, 3, size, size) normalised tensors; a ``UsageError``
+    naming the two ways out when ``data_path`` holds no Fashion-MNIST files."""
+    try:
+        root = prepare_root(data_path, cache_dir)
+    except FileNotFoundError as e:
+        raise UsageError(
+            f"no --images given, and no Fashion-MNIST (the default images) in {data_path}: pass --images FILE..., or "
+            f"install Fashion-MNIST (apt-get install dataset-fashion-mnist) or give --data_path a folder with its files"
+        ) from e
+    dataset = FashionMNISTImages(root, train=False, img_size=size)
     return torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
 
 

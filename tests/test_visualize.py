@@ -1,6 +1,5 @@
-"""visualize.py: reconstruction panels for both families, from our and the official checkpoint formats."""
-
-import random
+"""visualize.py and util/reconstruction.py: reconstruction panels for both families, from our and the official
+checkpoint formats."""
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from PIL import Image
 import models_mae
 import models_mixmim
 import visualize
+from util import reconstruction
 
 
 def _write_images(folder, n: int, size: int = 40) -> list[str]:
@@ -50,19 +50,19 @@ def test_mae_panels(tmp_path, official):
     images = _write_images(tmp_path, 3)
     paths = _run(tmp_path, checkpoint, images, *flags)
     assert [p.name for p in paths] == [f"reconstruction_{i}.png" for i in range(3)]
-    scale = visualize.default_scale(32)
+    scale = reconstruction.default_scale(32)
     assert scale == 4
     for p in paths:
-        assert Image.open(p).size == visualize.panel_size(32, 32, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
+        assert Image.open(p).size == reconstruction.panel_size(32, 32, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
     grid = Image.open(tmp_path / "out" / "reconstructions.png")
-    assert grid.size == (visualize.panel_size(32, 32, scale)[0], 3 * visualize.panel_size(32, 32, scale)[1])
+    assert grid.size == (reconstruction.panel_size(32, 32, scale)[0], 3 * reconstruction.panel_size(32, 32, scale)[1])
     # the first tile is the input image, as loaded (resized to 32x32) and upscaled
     tile = Image.open(paths[0]).crop(
         (
-            visualize.GAP,
-            visualize.TITLE_HEIGHT + visualize.GAP,
-            visualize.GAP + 128,
-            visualize.TITLE_HEIGHT + visualize.GAP + 128,
+            reconstruction.GAP,
+            reconstruction.TITLE_HEIGHT + reconstruction.GAP,
+            reconstruction.GAP + 128,
+            reconstruction.TITLE_HEIGHT + reconstruction.GAP + 128,
         )
     )
     expected = Image.open(images[0]).convert("RGB").resize((32, 32), Image.BICUBIC).resize((128, 128), Image.NEAREST)
@@ -79,9 +79,9 @@ def test_a_non_square_official_style_checkpoint_with_input_size_h_w(tmp_path):
     paths = _run(tmp_path, {"model": model.state_dict()}, images, "--model", "mae_vit_tiny_patch4",
                  "--input_size", "32", "48", "--scale", "2")  # fmt: skip
     for p in paths:
-        assert Image.open(p).size == visualize.panel_size(32, 48, 2) == (4 * 96 + 5 * 4, 14 + 64 + 8)
-    top = visualize.TITLE_HEIGHT + visualize.GAP
-    tile = Image.open(paths[1]).crop((visualize.GAP, top, visualize.GAP + 96, top + 64))
+        assert Image.open(p).size == reconstruction.panel_size(32, 48, 2) == (4 * 96 + 5 * 4, 14 + 64 + 8)
+    top = reconstruction.TITLE_HEIGHT + reconstruction.GAP
+    tile = Image.open(paths[1]).crop((reconstruction.GAP, top, reconstruction.GAP + 96, top + 64))
     expected = Image.open(images[1]).convert("RGB").resize((48, 32), Image.BICUBIC).resize((96, 64), Image.NEAREST)
     diff = np.abs(np.asarray(tile, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
     assert diff.max() <= 1
@@ -94,7 +94,7 @@ def test_mae_reconstruct_invariants():
     torch.manual_seed(0)
     model = models_mae.mae_vit_tiny_patch4()
     imgs = torch.randn(2, 3, 32, 32)
-    out = visualize.reconstruct(model, imgs)
+    out = reconstruction.reconstruct(model, imgs, 0.75, seed=0)
     mask = out["mask"]  # (2, 1, 32, 32), 1 = hidden
     assert mask.shape == (2, 1, 32, 32)
     assert mask.mean(dim=(1, 2, 3)).tolist() == [0.75, 0.75]  # 48 of the 64 patches hidden, per image
@@ -113,7 +113,7 @@ def test_norm_pix_loss_predictions_are_shown_in_pixel_space():
     imgs = torch.randn(2, 3, 32, 32)
     target = model.patchify(imgs)
     normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    torch.testing.assert_close(visualize._denorm_patches(model, imgs, normed), target, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reconstruction.denorm_patches(model, imgs, normed), target, atol=1e-4, rtol=0)
 
 
 def test_mixmim_panels(tmp_path):
@@ -122,18 +122,17 @@ def test_mixmim_panels(tmp_path):
     images = _write_images(tmp_path, 4)
     paths = _run(tmp_path, {"model": model.state_dict()}, images, "--model", "mixmim_tiny")
     assert len(paths) == 4
-    scale = visualize.default_scale(64)
+    scale = reconstruction.default_scale(64)
     assert scale == 2
     for p in paths:
-        assert Image.open(p).size == visualize.panel_size(64, 64, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
+        assert Image.open(p).size == reconstruction.panel_size(64, 64, scale) == (4 * 128 + 5 * 4, 14 + 128 + 8)
 
 
 def test_mixmim_reconstruct_invariants():
     torch.manual_seed(0)
-    random.seed(0)
     model = models_mixmim.mixmim_tiny()
     imgs = torch.randn(4, 3, 64, 64)
-    out = visualize.reconstruct(model, imgs)
+    out = reconstruction.reconstruct(model, imgs, 0.5, seed=0)
     mask = out["mask"]  # (4, 1, 64, 64): one mask for the batch, on 16x16 cells
     assert torch.equal(mask, mask[:1].expand_as(mask))
     assert mask.mean().item() == 0.5
@@ -144,7 +143,7 @@ def test_mixmim_reconstruct_invariants():
     assert torch.equal(out["pasted"][~hidden], imgs[~hidden])
     assert torch.equal(out["pasted"][hidden], out["reconstruction"][hidden])
     with pytest.raises(ValueError, match="at least 2"):
-        visualize.reconstruct(model, imgs[:1])
+        reconstruction.reconstruct(model, imgs[:1], 0.5, seed=0)
 
 
 def test_same_seed_same_picture(tmp_path):
