@@ -8,7 +8,9 @@ partway through a given checkpoint write.
 import argparse
 import hashlib
 import io
+import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image
 from train_utils import env_without_dist, free_port, make_image_folder
 
 import main_finetune
+import main_knn
 import main_linprobe
 import main_pretrain
 import util.run
@@ -254,6 +257,86 @@ def test_loader_with_workers(bad_data, skip: bool) -> None:
     assert {str(p) for p in bad_val} <= val._ever_skipped
 
 
+def test_data_stats_auto_names_an_unreadable_image_once_or_skips_it(tmp_path, monkeypatch, capsys) -> None:
+    """--data_stats auto reads every sampled image: one that cannot be read stops the run with one line naming it
+    once (PIL's own message repeats the path) and suggesting --skip_bad_images; with the flag it is left out of the
+    statistics, which are then numpy's of the readable images."""
+    root = make_image_folder(tmp_path / "data", per_class=4, val_per_class=1)
+    bad = root / "train" / "class0" / "bad.png"
+    bad.write_bytes(b"not a png")
+    flags = dict(model="mae_vit_tiny_patch4", data_stats="auto")
+    code, err = cli(main_pretrain, argv(root, tmp_path / "a", **flags), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    line = error_line(err)
+    assert line.count(str(bad)) == 1 and "for --data_stats auto" in line and "pass --skip_bad_images" in line, line
+
+    code, err = cli(main_pretrain, argv(root, tmp_path / "b", skip_bad_images=True, **flags), monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    pixels = np.concatenate(
+        [np.asarray(Image.open(p), np.float64).reshape(-1, 3) / 255 for p in (root / "train").rglob("[0-9].png")]
+    )
+    stats = load(tmp_path / "b" / "checkpoint-last.pth")["data_stats"]
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-6)
+
+
+def test_data_stats_auto_on_constant_images_asks_for_mean_and_std(tmp_path, monkeypatch, capsys) -> None:
+    """All-black images: every channel's std is 0, which cannot normalise."""
+    (tmp_path / "black").mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(tmp_path / "black" / f"{i}.png")
+    args = argv(tmp_path / "black", tmp_path / "out", model="mae_vit_tiny_patch4", data_stats="auto")
+    code, err = cli(main_pretrain, args, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    line = error_line(err)
+    assert "3 of 3 channels are constant over the 4 sampled images (channel 0: 0" in line, line
+    assert "give --mean and --std explicitly" in line, line
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+# ----------------------------------------------------------------------------- list files
+
+
+@pytest.mark.parametrize("kind", ["image", "latin-1"])
+def test_a_data_path_that_is_no_list_file_is_one_line(data, tmp_path, monkeypatch, capsys, kind) -> None:
+    """An image given as --data_path, or a list file in another encoding than UTF-8: one line saying so."""
+    if kind == "image":
+        path, message = next((data / "train").rglob("*.png")), "is an image, not a folder or a list file of image"
+    else:
+        path, message = tmp_path / "list.txt", r"list.txt: line 2 is not UTF-8 text \(byte 0xe9\); save the list as"
+        path.write_bytes(b"class0/0.png\n# caf\xe9\n")
+    code, err = cli(main_pretrain, argv(path, tmp_path / "out", model="mae_vit_tiny_patch4"), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(message, error_line(err)), error_line(err)
+
+
+def test_skip_bad_images_leaves_out_listed_files_that_do_not_exist(data, tmp_path, monkeypatch, capsys, caplog) -> None:
+    """A list of the 8 training images and 5 files that do not exist: without --skip_bad_images one line naming the
+    first three; with it one warning counting them, and the run trains on the 8; a list of missing files only is
+    one line even with the flag."""
+    images = sorted((data / "train").rglob("*.png"))
+    (tmp_path / "list.txt").write_text("\n".join([*map(str, images), *(f"gone{i}.png" for i in range(5))]) + "\n")
+    flags = dict(model="mae_vit_tiny_patch4")
+    code, err = cli(main_pretrain, argv(tmp_path / "list.txt", tmp_path / "a", **flags), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    line = error_line(err)
+    assert re.search(r"do not exist: \S+/gone0.png, \S+/gone1.png, \S+/gone2.png, \.\.\. \(5 in all\)", line), line
+    assert "pass --skip_bad_images" in line
+
+    out = tmp_path / "b"
+    code, err = cli(main_pretrain, argv(tmp_path / "list.txt", out, skip_bad_images=True, **flags), monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    warned = [r.getMessage() for r in caplog.records if "which do not exist" in r.getMessage()]
+    assert len(warned) == 1 and "skipping 5 of its 13 files" in warned[0] and "gone0.png" in warned[0], warned
+    assert load(out / "checkpoint-last.pth")["epoch"] == 0
+    assert '"train_skipped_images": 0' in (out / "log.txt").read_text()  # the 8 listed images, all read
+
+    (tmp_path / "gone.txt").write_text("gone0.png\ngone1.png\n")
+    code, err = cli(main_pretrain, argv(tmp_path / "gone.txt", out, skip_bad_images=True, **flags), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"gone.txt: none of its 2 files exist \(\S+/gone0.png, \S+/gone1.png\)", error_line(err))
+
+
 # ----------------------------------------------------------------------------- non-finite loss, checkpoints
 
 
@@ -301,6 +384,89 @@ def test_checkpoint_into_the_wrong_model(
     code, err = cli(SCRIPTS[script], argv(data, tmp_path, model=model, **{flag: ckpt}, **extra), monkeypatch, capsys)
     assert code == 1
     assert re.search(message, error_line(err)), error_line(err)
+
+
+class NotPlainData:
+    """Any class a file may pickle: unpickling it could run code from the file, so it must never be loaded."""
+
+
+NO_CHECKPOINT = {  # kind of file: what the one line says
+    "json": r"args.json is not a PyTorch checkpoint \(it looks like JSON text\)",
+    "image": r"0.png is not a PyTorch checkpoint \(it looks like a PNG image\)",
+    "object": r"holds a pickled `\S*NotPlainData` object, not plain data; only plain dicts / tensors \(and the "
+    r"official argparse.Namespace\) are read",
+    "truncated": r"is truncated or corrupt \(RuntimeError: PytorchStreamReader failed reading zip archive",
+    "no weights": r"holds no model weights: a dict of \{epoch, args\}",
+}
+
+
+def no_checkpoint(kind: str, data: Path, pretrained: dict[str, Path], folder: Path) -> Path:
+    """A file of ``kind`` (``NO_CHECKPOINT``) in ``folder``, given where a checkpoint is expected."""
+    folder.mkdir()
+    if kind == "json":
+        path = folder / "args.json"
+        path.write_text(json.dumps({"model": "mae_vit_tiny_patch4", "epochs": 1}))
+    elif kind == "image":
+        path = folder / "0.png"
+        path.write_bytes((data / "train" / "class0" / "0.png").read_bytes())
+    elif kind == "object":
+        path = folder / "object.pth"
+        torch.save({"model": {"w": torch.ones(2)}, "args": NotPlainData()}, path)
+    elif kind == "truncated":
+        path = folder / "checkpoint-0.pth"
+        whole = (pretrained["mae"] / "checkpoint-0.pth").read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        path = folder / "no_weights.pth"
+        torch.save({"epoch": 3, "args": {"model": "mae_vit_tiny_patch4"}}, path)
+    return path
+
+
+def run_visualize(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """``visualize.py`` through its command line, in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["visualize.py", *args])
+    try:
+        runpy.run_path(str(ROOT / "visualize.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kind, script, flag",
+    [
+        ("json", "pretrain", "resume"),
+        ("json", "knn", "finetune"),
+        ("image", "finetune", "finetune"),
+        ("object", "visualize", "checkpoint"),
+        ("object", "pretrain", "finetune"),
+        ("truncated", "finetune", "resume"),
+        ("no weights", "linprobe", "finetune"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_one_line(
+    data, pretrained, tmp_path, monkeypatch, capsys, kind, script, flag
+) -> None:
+    """Each entry point that reads a checkpoint says in one line what the file is instead, and never suggests
+    weights_only=False (which would run code from the file)."""
+    path = no_checkpoint(kind, data, pretrained, tmp_path / "given")
+    out = tmp_path / "out"
+    if script == "visualize":
+        code, err = run_visualize(["--checkpoint", str(path), "--output_dir", str(out)], monkeypatch, capsys)
+    elif script == "knn":
+        args = ["--model", "vit_tiny_patch4", "--finetune", str(path), "--data_path", str(data), "--input_size", "32",
+                "--batch_size", "4", "--device", "cpu", "--num_workers", "0"]  # fmt: skip
+        code, err = cli(main_knn, args, monkeypatch, capsys)
+    else:
+        model = MODELS["mae"][0 if script == "pretrain" else 1]
+        extra = {} if script == "pretrain" else dict(nb_classes=2)
+        code, err = cli(SCRIPTS[script], argv(data, out, model=model, **{flag: path}, **extra), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    line = error_line(err)
+    assert re.search(NO_CHECKPOINT[kind], line), line
+    assert str(path) in line and "weights_only" not in line
+    assert not list(out.glob("checkpoint-*.pth"))
 
 
 # ----------------------------------------------------------------------------- bad arguments

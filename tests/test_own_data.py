@@ -2,6 +2,7 @@
 ``.npy``), per-channel statistics (flags, ``--data_stats auto``, the checkpoint's), and the patch embedding of a
 3-channel checkpoint adapted to N channels."""
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -102,6 +103,28 @@ def test_one_line_errors_for_empty_folders_missing_listed_files_and_paths(tmp_pa
         pretrain_dataset(str(tmp_path / "nowhere"), None)
 
 
+def test_a_list_file_is_utf8_text_and_anything_else_is_a_one_line_error(tmp_path: Path) -> None:
+    paths = grey_images(tmp_path / "data", 2)
+    listing = "\n".join(str(p.relative_to(tmp_path)) for p in paths) + "\n"
+    (tmp_path / "bom.txt").write_bytes(listing.encode("utf-8-sig"))  # what Windows' Notepad writes as UTF-8
+    assert [p for p, _ in pretrain_dataset(str(tmp_path / "bom.txt"), None, 1).samples] == list(map(str, paths))
+    tiff, npy = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tiff, "TIFF")
+    np.save(npy, np.zeros((8, 8), np.float32))
+    cases = {
+        "utf16.txt": (listing.encode("utf-16"), r"utf16.txt is UTF-16 text; save it as UTF-8"),
+        "latin1.txt": ((listing + "# caf\xe9\n").encode("latin-1"), r"line 3 is not UTF-8 text \(byte 0xe9\)"),
+        "blob.bin": (bytes(range(256)) * 8, "blob.bin is a binary file, not a folder or a list file of image paths"),
+        "scan": (tiff.getvalue(), "scan is an image, not a folder or a list file of image paths"),  # no extension
+        "bands.npy": (npy.getvalue(), "bands.npy is an image, not a folder or a list file of image paths"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UsageError, match=message) as e:
+            pretrain_dataset(str(tmp_path / name), None, 1)
+        assert "\n" not in str(e.value)
+
+
 def test_a_folder_where_no_image_can_be_read_is_a_one_line_error_also_when_skipping(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     for i in range(4):
@@ -178,6 +201,18 @@ def test_estimated_statistics_equal_numpy_on_the_same_pixels(tmp_path: Path) -> 
     np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=1e-6)
     one = estimate_data_stats(dataset, num_images=1, seed=3)  # a sample of one image: that image's statistics
     assert any(np.allclose(one["mean"], a.reshape(-1, 2).mean(0), rtol=1e-6) for a in arrays)
+
+
+def test_a_constant_band_is_named_and_the_statistics_asked_for(tmp_path: Path) -> None:
+    """A band that is the same everywhere has std 0, which cannot normalise: one line naming it and its value."""
+    for path in npy_images(tmp_path / "bands", 3, chans=4):
+        bands = np.load(path)
+        bands[:, :, 1] = 0.25
+        np.save(path, bands)
+    dataset = pretrain_dataset(str(tmp_path / "bands"), None, in_chans=4)
+    message = r"1 of 4 channels are constant over the 3 sampled images \(channel 1: 0.25\).* give --mean and --std"
+    with pytest.raises(UsageError, match=message):
+        estimate_data_stats(dataset)
 
 
 def pretrain_flags(data: Path, out: Path, **kw) -> dict:

@@ -8,14 +8,19 @@ pickle an ``argparse.Namespace``) load too: that one class is allow-listed, noth
 """
 
 import argparse
+import codecs
+import io
 import logging
 import os
 import pickle
+import pkgutil
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from PIL import Image
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
@@ -36,22 +41,108 @@ _TEMP = re.compile(r"^\.checkpoint-(\d+|last)\.pth\.tmp\.\d+$")
 # ----------------------------------------------------------------------------- files
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> dict:
-    """``torch.load`` on the CPU with ``weights_only=True`` (``argparse.Namespace`` allowed for official files)."""
+def load_checkpoint_file(path: str | os.PathLike, weights: bool = True) -> dict:
+    """``torch.load`` on the CPU with ``weights_only=True`` (``argparse.Namespace`` allowed for official files).
+
+    One-line ``UsageError`` for a file that is no checkpoint (JSON, text, an image, ... told apart by its first
+    bytes before torch reads it), a truncated or corrupt one, one that pickles objects other than plain data (the
+    first such class named; loading it with ``weights_only=False`` could run any code, so nothing suggests that),
+    and, with ``weights``, a dict without model weights (no tensor where ``state_dict_of`` looks)."""
     path = str(path)
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    kind = _not_torch_kind(head)
+    if kind:
+        raise UsageError(f"{path} is not a PyTorch checkpoint ({kind}); give a .pth file written by torch.save")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"checkpoint {path} holds Python objects that are not plain data ({first})") from e
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never repeat that
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if found and not _torch_name_cut_short(found.group(1)):
+            raise UsageError(
+                f"checkpoint {path} holds a pickled `{found.group(1)}` object, not plain data; only plain dicts / "
+                f"tensors (and the official argparse.Namespace) are read"
+            ) from None
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({_unpickler_reason(e)})") from None
     except Exception as e:  # a torn or foreign file fails in many ways inside the unpickler / zip reader
-        raise UsageError(f"checkpoint {path} is unreadable or truncated: {type(e).__name__}: {e}") from e
+        kind = _foreign_zip(path)
+        if kind:
+            raise UsageError(
+                f"{path} is not a PyTorch checkpoint ({kind}); give a .pth file written by torch.save"
+            ) from e
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's reason, not its speculation
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
     if not isinstance(checkpoint, dict):
         raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    if weights and not any(isinstance(v, torch.Tensor) for v in _weights_of(checkpoint).values()):
+        keys = ", ".join(map(str, list(checkpoint)[:6])) + (", ..." if len(checkpoint) > 6 else "")
+        raise UsageError(
+            f"checkpoint {path} holds no model weights: a dict of {{{keys}}} without tensors under 'model', "
+            f"'state_dict' or at its top level"
+        )
     return checkpoint
+
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save before PyTorch 1.6: a pickled magic number
+
+
+def _not_torch_kind(head: bytes) -> str | None:
+    """What a file whose first bytes are ``head`` looks like when torch.save did not write it, else None."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_MAGIC):
+        return None
+    if not head:
+        return "it is empty"
+    if head.startswith(b"\x80"):
+        return "it looks like a Python pickle that torch.save did not write"
+    if head.startswith(b"\x93NUMPY"):
+        return "it looks like a NumPy .npy array"
+    if head.startswith(b"\x89HDF"):
+        return "it looks like an HDF5 file"
+    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 30:  # an 8-byte length, then JSON
+        return "it looks like a safetensors file"
+    try:
+        with Image.open(io.BytesIO(head)) as img:
+            return f"it looks like a {img.format} image"
+    except Exception:
+        pass
+    try:
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head)  # a character cut at 4096 bytes is fine
+    except UnicodeDecodeError:
+        return "it is binary data of another format"
+    return "it looks like JSON text" if text.lstrip().startswith(("{", "[")) else "it looks like text"
+
+
+def _torch_name_cut_short(name: str) -> bool:
+    """A ``torch.`` name that torch does not have: the name of a truncated file, cut where the file ends."""
+    if not name.startswith("torch."):
+        return False
+    try:
+        pkgutil.resolve_name(name)  # torch's own modules only: never a module named by the file
+    except (ImportError, AttributeError, ValueError):
+        return True
+    return False
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The first sentence of the unpickler's own line in torch's weights-only error, without torch's advice."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+    line = found.group(1) if found else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return line.strip().split(". ")[0]
+
+
+def _foreign_zip(path: str) -> str | None:
+    """For a zip archive that torch.save did not write (a NumPy ``.npz``, ...): what it holds; else None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):  # a torn checkpoint: not a readable zip at all
+        return None
+    if not names or any(n.endswith("data.pkl") for n in names):
+        return None
+    return f"it is a zip archive of {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -131,7 +222,7 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
     candidates += [p for _, p in reversed(numbered)]
     for path in candidates:
         try:
-            load_checkpoint_file(path)
+            load_checkpoint_file(path, weights=False)
         except UsageError as e:
             logger.warning("skipping %s: %s", path, e)
             continue
@@ -190,13 +281,17 @@ def resolve_resume(args: argparse.Namespace) -> None:
     raise UsageError(f"--resume {args.resume} does not exist")
 
 
-def state_dict_of(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: under ``model``, ``state_dict`` or at top level; ``module.`` stripped."""
+def _weights_of(checkpoint: dict) -> dict:
+    """The dict of a checkpoint that holds the model weights: under ``model``, ``state_dict`` or at top level."""
     for key in ("model", "state_dict"):
         if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()}
+            return checkpoint[key]
+    return checkpoint
+
+
+def state_dict_of(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: under ``model``, ``state_dict`` or at top level; ``module.`` stripped."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in _weights_of(checkpoint).items()}
 
 
 def _mismatch_summary(model: nn.Module, state_dict: dict, ignore_missing=(), ignore_unexpected=()) -> str:

@@ -14,6 +14,7 @@ import os
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from util.datasets import unreadable_reason
 from util.errors import BadImageError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -73,28 +74,46 @@ def saved_data_stats(path: str) -> dict | None:
 def estimate_data_stats(dataset, num_images: int = AUTO_SAMPLE, seed: int = 0, skip_bad: bool = False) -> dict:
     """Per-channel mean and std of the pixels of ``num_images`` images drawn without replacement (seeded), as
     ``ToTensor`` scales them, before any augmentation or normalisation: every pixel counts once (larger images
-    weigh more). ``dataset``: ``util.datasets.CheckedImages`` (its ``raw(i)``, (C, H, W) in [0, 1])."""
+    weigh more). ``dataset``: ``util.datasets.CheckedImages`` (its ``raw(i)``, (C, H, W) in [0, 1]).
+
+    An unreadable image is a one-line ``BadImageError`` naming it, or with ``skip_bad`` (``--skip_bad_images``)
+    left out of the sample with a warning; a channel that is constant over the sample (std 0, which cannot
+    normalise) is a one-line ``UsageError``."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
     total = total_sq = None
-    pixels = 0
+    pixels = skipped = 0
     for i in order:
+        path = dataset.samples[i][0]
         try:
             x = dataset.raw(i).double().flatten(1)  # (C, H*W)
         except Exception as e:
-            path = dataset.samples[i][0]
             if not skip_bad:
-                raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e}) for --data_stats auto") from e
-            logger.warning("--data_stats auto: skipping unreadable image %s", path)
+                raise BadImageError(
+                    f"cannot read image {path} ({unreadable_reason(e)}) for --data_stats auto; remove or replace the "
+                    f"file, or pass --skip_bad_images to skip unreadable images"
+                ) from e
+            logger.warning("--data_stats auto: skipping unreadable image %s (%s)", path, unreadable_reason(e))
+            skipped += 1
             continue
         total = x.sum(1) if total is None else total + x.sum(1)
         total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
         pixels += x.shape[1]
     if total is None:
-        raise BadImageError(f"--data_stats auto: none of the {len(order)} sampled images could be read")
+        raise BadImageError(f"--data_stats auto: none of the {len(order)} sampled images could be read; give --mean "
+                            "and --std")  # fmt: skip
+    if skipped:
+        logger.warning("--data_stats auto: %d of the %d sampled images were unreadable and left out", skipped,
+                       len(order))  # fmt: skip
     mean = total / pixels
     std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
-    if (std == 0).any():
-        raise UsageError(f"--data_stats auto: a channel is constant over the sample (std {std.tolist()})")
+    constant = [c for c in range(len(std)) if std[c] < 1e-6]  # 0 up to rounding
+    if constant:
+        values = ", ".join(f"channel {c}: {mean[c].item():.4g}" for c in constant)
+        raise UsageError(
+            f"--data_stats auto: {len(constant)} of {len(std)} channels are constant over the "
+            f"{len(order) - skipped} sampled images ({values}), and a std of 0 cannot normalise; give --mean and "
+            f"--std explicitly ({len(std)} values each, every std > 0)"
+        )
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 

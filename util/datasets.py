@@ -18,7 +18,9 @@ rank, which DDP needs); an evaluation batch just leaves it out.
 """
 
 import argparse
+import codecs
 import functools
+import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -90,6 +92,15 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def unreadable_reason(e: Exception) -> str:
+    """Why a file could not be read, in one line and without its path (which PIL's and the OS's messages repeat)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image in a format PIL reads, or a corrupt header"
+    if isinstance(e, OSError) and e.strerror and e.filename:  # [Errno 2] No such file or directory: 'PATH'
+        return f"{type(e).__name__}: {e.strerror}"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def _tensor_loader(in_chans: int):
     return functools.partial(load_tensor, in_chans=in_chans)
 
@@ -121,11 +132,8 @@ class CheckedImages(torch.utils.data.Dataset):
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
-        except UnidentifiedImageError:  # PIL's message repeats the path inside a file object's repr
-            return BadImage(index, path, "not an image in a format PIL reads, or a corrupt header"), target
         except Exception as e:  # OSError (truncated, unreadable), SyntaxError, DecompressionBombError, ...
-            reason = (str(e).strip().splitlines() or [""])[0]
-            return BadImage(index, path, f"{type(e).__name__}: {reason}"), target
+            return BadImage(index, path, unreadable_reason(e)), target
         if self.transform is not None:
             if self.augment_seed is None:
                 sample = self.transform(sample)
@@ -307,19 +315,74 @@ def train_folder_and_stats(
     return dataset_train, mean, std
 
 
-def _listed_paths(list_file: str) -> list[str]:
-    """The paths a list file names, one per line, relative to its folder; blank lines and ``#`` comments skipped."""
+def _list_file_lines(list_file: str) -> list[str]:
+    """The lines of a list file (UTF-8); one-line errors for an image or another binary file, and for other text
+    encodings."""
+    with open(list_file, "rb") as f:
+        head = f.read(4096)
+        if not _is_text(head):  # an image, another binary file, or text in another encoding (reported below)
+            if is_image_file(list_file) or _looks_like_image(head):
+                raise UsageError(f"--data_path {list_file} is an image, not a folder or a list file of image paths")
+            if b"\0" in head:
+                raise UsageError(f"--data_path {list_file} is a binary file, not a folder or a list file of image "
+                                 "paths")  # fmt: skip
+        data = head + f.read()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UsageError(f"image list {list_file} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UsageError(
+            f"image list {list_file}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the list as "
+            f"UTF-8"
+        ) from None
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is UTF-8 text (a character may be cut at the end), or UTF-16."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
+
+
+def _looks_like_image(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is an image PIL identifies, or a ``.npy`` array."""
+    if head.startswith(b"\x93NUMPY"):
+        return True
+    try:
+        with Image.open(io.BytesIO(head)):
+            return True
+    except Exception:
+        return False
+
+
+def _listed_paths(list_file: str, skip_missing: bool = False) -> list[str]:
+    """The paths a list file names, one per line, relative to its folder; blank lines and ``#`` comments skipped.
+    Listed files that do not exist are a one-line error naming the first three, or with ``skip_missing`` left out
+    with one warning (an error when none is left)."""
     folder = os.path.dirname(os.path.abspath(list_file))
-    with open(list_file, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in _list_file_lines(list_file)]
     paths = [os.path.join(folder, line) for line in lines if line and not line.startswith("#")]
     if not paths:
         raise UsageError(f"image list {list_file} names no files")
     missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
-        raise UsageError(f"image list {list_file} names files that do not exist: {', '.join(missing[:3])}{more}")
-    return paths
+    if not missing:
+        return paths
+    named = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+    if not skip_missing:
+        raise UsageError(f"image list {list_file} names files that do not exist: {named}; correct the list, or pass "
+                         "--skip_bad_images to skip them")  # fmt: skip
+    if len(missing) == len(paths):
+        raise UsageError(f"image list {list_file}: none of its {len(paths)} files exist ({named})")
+    logger.warning("image list %s: skipping %d of its %d files, which do not exist (--skip_bad_images): %s",
+                   list_file, len(missing), len(paths), named)  # fmt: skip
+    missing_set = set(missing)
+    return [p for p in paths if p not in missing_set]
 
 
 def _scanned_paths(folder: str) -> list[str]:
@@ -333,11 +396,12 @@ def _scanned_paths(folder: str) -> list[str]:
     return paths
 
 
-def pretrain_dataset(data_path: str, transform, in_chans: int = 3) -> CheckedImages:
+def pretrain_dataset(data_path: str, transform, in_chans: int = 3, skip_bad: bool = False) -> CheckedImages:
     """The pretraining images of ``--data_path``: the ImageFolder ``data_path/train`` when there is one (labels
-    unused), else every image file under ``data_path`` at any depth, or, for a text file, the files it lists."""
+    unused), else every image file under ``data_path`` at any depth, or, for a text file, the files it lists
+    (``skip_bad``: ``--skip_bad_images``, which also leaves out listed files that do not exist)."""
     if os.path.isfile(data_path):
-        dataset = ImageFiles(data_path, _listed_paths(data_path), transform, in_chans)
+        dataset = ImageFiles(data_path, _listed_paths(data_path, skip_bad), transform, in_chans)
     elif os.path.isdir(os.path.join(data_path, "train")):
         return image_folder(os.path.join(data_path, "train"), transform, in_chans)
     elif os.path.isdir(data_path):
@@ -537,13 +601,32 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> datasets.ImageFol
     return image_folder(os.path.join(args.data_path, "train" if is_train else "val"), transform, in_chans)
 
 
-def check_num_classes(dataset: datasets.ImageFolder, nb_classes: int) -> None:
-    """Labels must fit the classifier head."""
-    if len(dataset.classes) > nb_classes:
-        raise UsageError(
-            f"{dataset.root} has {len(dataset.classes)} classes but --nb_classes is {nb_classes}; "
-            f"set --nb_classes {len(dataset.classes)}"
+def resolve_num_classes(nb_classes: int | None, dataset, *others) -> int:
+    """The classifier head's size: ``--nb_classes``, or when it is not given, the class count of ``dataset`` (the
+    training set; the validation set with ``--eval``). The labels of ``dataset`` and ``others`` must fit the head
+    (a one-line error); a head larger than every folder's class count is allowed, as official (e.g. an ImageNet-1k
+    head on a subset), with a warning."""
+    counts = {getattr(d, "root", "the dataset"): len(d.classes) for d in (dataset, *others) if getattr(d, "classes", 0)}
+    source = f"--nb_classes is {nb_classes}"
+    if nb_classes is None:
+        if not getattr(dataset, "classes", None):
+            raise UsageError("the training images have no class list to count: pass --nb_classes")
+        nb_classes = len(dataset.classes)
+        source = f"{dataset.root} has {nb_classes} (the default --nb_classes)"
+        logger.info("--nb_classes %d: the class count of %s", nb_classes, dataset.root)
+    for root, count in counts.items():
+        if count > nb_classes:
+            raise UsageError(f"{root} has {count} classes but {source}; set --nb_classes {count}")
+    largest = max(counts.values(), default=nb_classes)
+    if largest < nb_classes:
+        logger.warning(
+            "--nb_classes %d is more than the %d classes of %s: %d outputs of the head have no images",
+            nb_classes,
+            largest,
+            " and ".join(counts),
+            nb_classes - largest,
         )
+    return nb_classes
 
 
 def train_loader(dataset, args: argparse.Namespace, device: torch.device):
