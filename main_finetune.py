@@ -18,13 +18,14 @@ from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_com
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import (
     build_dataset,
-    check_num_classes,
     finetune_transform,
+    resolve_num_classes,
     train_folder_and_stats,
     train_loader,
     val_loader,
 )
 from util.dist import wrap_ddp
+from util.errors import UsageError
 from util.mixup import build_criterion, build_mixup
 from util.optim import finetune_optimizer, scaled_lr
 from util.run import open_outputs, start_run
@@ -150,9 +151,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         help="dataset path (an ImageFolder with train/ and val/)",
     )
-    parser.add_argument("--nb_classes", default=1000, type=int, help="number of the classification types")
+    parser.add_argument(
+        "--nb_classes",
+        default=None,
+        type=int,
+        help="number of the classification types (default: the training folder's class count; with --eval the "
+        "validation folder's)",
+    )
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument(
+        "--log_dir", default=None, help="path where to tensorboard log (default: --output_dir; '': none)"
+    )
     parser.add_argument(
         "--device", default=None, help="device to use for training / testing (default: cuda if available, else cpu)"
     )
@@ -199,6 +208,12 @@ def resolve_args(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     resolve_args(args)
+    if args.eval and args.finetune:  # the official script ignores --finetune with --eval
+        raise UsageError(
+            f"--eval evaluates the --resume checkpoint and would not load --finetune {args.finetune}: for a "
+            f"fine-tuned checkpoint pass --eval --resume {args.finetune}; a pretraining one has no trained head "
+            f"(main_knn.py or main_linprobe.py evaluate its features)"
+        )
     validate_common_args(args)
     check_data_args(args)
     check_buildable(args.model_name, args.input_size, args.in_chans)
@@ -221,17 +236,17 @@ def main(
     )
     if dataset_val is None:
         dataset_val = build_dataset(is_train=False, args=args)
-    check_num_classes(dataset_val, args.nb_classes)
+    labelled = [dataset_val] if args.eval else [dataset_train, dataset_val]
+    args.nb_classes = resolve_num_classes(args.nb_classes, *labelled)  # else the first one's class count
     data_loader_val = val_loader(dataset_val, args, device)
     if not args.eval:
-        check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
     mixup_fn = build_mixup(args)
 
     model = build_classifier(
         args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool, device, args.in_chans
     )
-    if args.finetune and not args.eval:
+    if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=2e-5)
     model.to(device)
     model_without_ddp = model

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from model_table import build_classifier, check_buildable, resolve_classifier_name
 from util.amp import resolve_amp
 from util.checkpoint import checkpoint_grid, load_checkpoint_file, load_pretrained_state, state_dict_of
-from util.cli import add_input_size_arg, add_runtime_args, log_args, resolve_input_size, run_cli
+from util.cli import add_input_size_arg, add_runtime_args, check_input_paths, log_args, resolve_input_size, run_cli
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import eval_transform, image_folder, train_folder_and_stats
 from util.dist import get_rank, init_distributed_mode, is_main_process
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--num_workers", default=10, type=int)
     add_data_args(parser)
-    add_runtime_args(parser, port=29532)
+    add_runtime_args(parser, port=29532, training=False)
     return parser
 
 
@@ -71,10 +71,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--nb_knn must be positive, got {args.nb_knn}")
     if args.temperature <= 0:
         raise UsageError(f"--temperature must be positive, got {args.temperature}")
-    if args.data_path and not os.path.isdir(args.data_path):
-        raise UsageError(f"--data_path {args.data_path} does not exist")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist")
+    if args.print_freq < 1:
+        raise UsageError(f"--print_freq must be at least 1, got {args.print_freq}")
+    check_input_paths(args)
     args.model_name = resolve_classifier_name(args.model)
     resolve_input_size(args)
     check_data_args(args)
@@ -102,7 +101,8 @@ def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
 
 
 def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset_val: Dataset | None = None) -> dict:
-    """k-NN top-1 / top-5 (percent) for each ``--nb_knn``, as a dict (also written to ``output_dir/knn.json``)."""
+    """k-NN top-1 / top-5 (percent) for each ``--nb_knn``, as a dict (also written to ``output_dir/knn.json``); with
+    ``--skip_bad_images`` also the number of unreadable images left out of each set."""
     init_distributed_mode(args)
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
@@ -119,15 +119,19 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
     model = build_encoder(args, device)
 
     start = time.time()
-    knobs = (args.batch_size, device, args.amp, args.num_workers, args.layer)
-    train_f, train_l = extract_features(model, dataset_train, *knobs)
-    val_f, val_l = extract_features(model, dataset_val, *knobs)
+    knobs = (args.batch_size, device, args.amp, args.num_workers, args.layer, args.skip_bad_images, args.print_freq)
+    train_f, train_l, train_skipped = extract_features(model, dataset_train, *knobs)
+    val_f, val_l, val_skipped = extract_features(model, dataset_val, *knobs)
     extracted = time.time() - start
     num_classes = len(getattr(dataset_train, "classes", [])) or None
     stats = knn_accuracy(train_f, train_l, val_f, val_l, args.nb_knn, args.temperature, num_classes)
     for k in args.nb_knn:
         logger.info("%d-NN: top-1 %.2f, top-5 %.2f", k, stats[f"knn_k{k}_acc1"], stats[f"knn_k{k}_acc5"])
     logger.info("features of %d + %d images in %.1f s", len(train_l), len(val_l), extracted)
+    if args.skip_bad_images:
+        stats.update(train_skipped_images=train_skipped, val_skipped_images=val_skipped)
+        logger.info("unreadable images left out: %d of the training set, %d of the validation set", train_skipped,
+                    val_skipped)  # fmt: skip
 
     if is_main_process():
         if args.save_features:

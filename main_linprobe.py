@@ -28,15 +28,16 @@ from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import (
-    check_num_classes,
     eval_transform,
     image_folder,
     linprobe_transform,
+    resolve_num_classes,
     train_folder_and_stats,
     train_loader,
     val_loader,
 )
 from util.dist import wrap_ddp
+from util.errors import UsageError
 from util.optim import linprobe_optimizer, scaled_lr
 from util.run import open_outputs, start_run
 
@@ -104,9 +105,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         help="dataset path (an ImageFolder with train/ and val/)",
     )
-    parser.add_argument("--nb_classes", default=1000, type=int, help="number of the classification types")
+    parser.add_argument(
+        "--nb_classes",
+        default=None,
+        type=int,
+        help="number of the classification types (default: the training folder's class count; with --eval the "
+        "validation folder's)",
+    )
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="path where to tensorboard log")
+    parser.add_argument(
+        "--log_dir", default=None, help="path where to tensorboard log (default: --output_dir; '': none)"
+    )
     parser.add_argument(
         "--device", default=None, help="device to use for training / testing (default: cuda if available, else cpu)"
     )
@@ -144,6 +153,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.eval and args.finetune:  # the official script ignores --finetune with --eval
+        raise UsageError(
+            f"--eval evaluates the --resume checkpoint (a trained probe) and would not load --finetune "
+            f"{args.finetune}: pass --eval --resume with the linear probe's checkpoint"
+        )
     validate_common_args(args)
     args.model_name = resolve_classifier_name(args.model)
     check_data_args(args)
@@ -165,11 +179,11 @@ def main(
     if dataset_val is None:
         transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
         dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)
-    check_num_classes(dataset_val, args.nb_classes)
+    labelled = [dataset_val] if args.eval else [dataset_train, dataset_val]
+    args.nb_classes = resolve_num_classes(args.nb_classes, *labelled)  # else the first one's class count
     data_loader_val = val_loader(dataset_val, args, device)
     data_loader_train = None
     if not args.eval:
-        check_num_classes(dataset_train, args.nb_classes)
         data_loader_train = train_loader(dataset_train, args, device)
 
     model = build_classifier(
@@ -177,7 +191,7 @@ def main(
     )
     if family_of(args.model_name) == "mixmim":
         logger.info("features: the pooled last stage (MixMIM; --cls_token and --global_pool choose for ViTs only)")
-    if args.finetune and not args.eval:
+    if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)
     model.to(device)

@@ -187,3 +187,78 @@ def test_layer_features_are_the_mean_of_that_blocks_map(tmp_path: Path, model: s
 
     with pytest.raises(UsageError, match="--layer 9 is not one of the"):
         main_knn.main(parse(main_knn.get_args_parser(), **flags, layer=9))
+
+
+def test_skip_bad_images_leaves_them_out_on_one_and_two_ranks(tmp_path: Path, caplog) -> None:
+    """--skip_bad_images: unreadable files are left out of the vote, counted in knn.json, and the features, labels
+    and accuracies equal those of the same folder without them, on one process and on two (one unreadable file is
+    the first image, which the 2-rank sampler's padding repeats). --print_freq sets the progress lines."""
+    clean = make_image_folder(tmp_path / "clean", classes=3, per_class=3, val_per_class=2)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=3, val_per_class=2)  # the same images
+    train, val = data / "train", data / "val"
+    bad = [train / "class0" / "-first.png", train / "class2" / "truncated.png", val / "class1" / "notes.png"]
+    bad[0].write_bytes(b"not an image")  # sorts first: index 0
+    bad[1].write_bytes((train / "class2" / "0.png").read_bytes()[:200])
+    bad[2].write_bytes(b"not an image either")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()}, ckpt)
+    flags = dict(model="vit_tiny_patch4", finetune=ckpt, input_size=32, batch_size=4, device="cpu", num_workers=0)
+
+    def run(name: str, **kw) -> tuple[dict, dict]:
+        args = parse(
+            main_knn.get_args_parser(), **flags, **kw, output_dir=tmp_path / name, save_features=tmp_path / name
+        )
+        args.nb_knn = [1, 3]
+        return main_knn.main(args), torch.load(tmp_path / name / "features.pt", weights_only=True)
+
+    def progress(root: Path) -> int:
+        return sum(r.getMessage().startswith(f"features of {root}: [") for r in caplog.records)
+
+    with caplog.at_level("INFO"):
+        reference, expected = run("clean", data_path=clean, print_freq=2)
+        stats, one = run("one", data_path=data, skip_bad_images=True, print_freq=1)
+    assert progress(clean / "train") == 2 and progress(data / "train") == 3  # 3 batches: steps 0, 2 / 0, 1, 2
+    assert stats == {**reference, "train_skipped_images": 2, "val_skipped_images": 1}
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
+    assert sorted(m.split(" ")[3] for m in warned) == sorted(map(str, bad))
+
+    cli = ["main_knn.py", "--nb_knn", "1", "3", "--skip_bad_images", "--data_path", str(data)]
+    for key, value in {**flags, "output_dir": tmp_path / "two", "save_features": tmp_path / "two"}.items():
+        cli += [f"--{key}", str(value)]
+    proc = run_torchrun(cli, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "knn.json").read_text()) == pytest.approx(stats)
+    two = torch.load(tmp_path / "two" / "features.pt", weights_only=True)
+    for got in (one, two):
+        assert [len(got[k]) for k in ("train_features", "val_features")] == [9, 6]
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [["--compile"], ["--compile_mode", "default"], ["--save_every_min", "1"],
+                                  ["--save_every_steps", "1"]])  # fmt: skip
+def test_training_only_flags_are_not_offered(flag: list[str], capsys) -> None:
+    """k-NN compiles nothing and writes no checkpoints: the flags that would do so are refused by the parser."""
+    with pytest.raises(SystemExit):
+        main_knn.get_args_parser().parse_args(flag)
+    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
+def test_knn_during_pretraining_skips_bad_images(tmp_path: Path, caplog) -> None:
+    """main_pretrain.py --knn_freq --skip_bad_images: an unreadable k-NN image is left out (named once), not the
+    end of the run."""
+    from train_utils import tiny_run_args
+
+    import main_pretrain
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, val_per_class=2)
+    bad = data / "val" / "class1" / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "pre"
+    flags = tiny_run_args(data, out, model="mae_vit_tiny_patch4", epochs=1, warmup_epochs=0, knn_freq=1, batch_size=2)
+    args = parse(main_pretrain.get_args_parser(), **flags, skip_bad_images=True)
+    args.nb_knn = [3]
+    main_pretrain.main(args)
+    assert "knn_k3_acc1" in json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert any(r.getMessage().startswith(f"skipping unreadable image {bad} (") for r in caplog.records)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from train_utils import make_image_folder, parse, tiny_run_args
 
 import main_finetune
@@ -98,8 +99,6 @@ def test_bad_input_fails_with_one_line(tmp_path: Path, script: str, argv: list[s
 def test_compile_mode_reaches_torch_compile(tmp_path: Path, script, model: str, monkeypatch) -> None:
     """--compile --compile_mode M compiles with mode M (torch.compile recorded here and left out: the mode's own
     effect is torch's; the compiled run itself is test_train_e2e.py's)."""
-    import torch
-
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), model)[1])
     data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
@@ -120,6 +119,7 @@ def test_compile_mode_reaches_torch_compile(tmp_path: Path, script, model: str, 
         (main_finetune, dict(model="vit_tiny_patch4", nb_classes=1), "has 2 classes but --nb_classes is 1"),
         (main_finetune, dict(model="vit_tiny_patch4", resume="missing.pth"), "--resume missing.pth does not exist"),
         (main_finetune, dict(model="vit_tiny_patch4", data_path="/nonexistent"), "/nonexistent does not exist"),
+        (main_finetune, dict(model="vit_tiny_patch4", data_path=__file__), "is a file, not a folder"),
         (main_linprobe, dict(model="vit_tiny_patch4", compile_mode="max-autotune"), "max-autotune needs --compile"),
     ],
 )
@@ -128,3 +128,89 @@ def test_bad_arguments_raise_usage_errors(tmp_path: Path, script, overrides: dic
     kw = {**tiny_run_args(data, tmp_path / "out"), **overrides}
     with pytest.raises(UsageError, match=message):
         script.main(parse(script.get_args_parser(), **kw))
+
+
+@pytest.mark.parametrize("script, model", [(main_pretrain, "mae_vit_tiny_patch4"), (main_linprobe, "vit_tiny_patch4")])
+def test_tensorboard_events_go_to_the_output_dir_by_default(tmp_path: Path, script, model: str, monkeypatch) -> None:
+    """Without --log_dir the events land in --output_dir, not in ./output_dir of the working folder (the official
+    default); --log_dir '' writes none. (util.run.start_run does it for every script; main_finetune's parser
+    default is checked in test_official_recipes.py.)"""
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    flags = tiny_run_args(data, tmp_path / "out", model=model, epochs=1, warmup_epochs=0, batch_size=2, log_dir=None)
+    args = parse(script.get_args_parser(), **flags)
+    assert args.log_dir is None
+    script.main(args)
+    assert [p.parent for p in tmp_path.rglob("events.out.tfevents.*")] == [tmp_path / "out"]
+    if script is main_pretrain:  # the same start_run serves all three: '' checked once
+        flags.update(output_dir=tmp_path / "quiet", log_dir="")
+        script.main(parse(script.get_args_parser(), **flags))
+        assert (tmp_path / "quiet" / "checkpoint-last.pth").exists()
+        assert not list((tmp_path / "quiet").glob("events.out.tfevents.*"))
+        assert not list((tmp_path / "data").rglob("events.out.tfevents.*"))
+
+
+def head_size(checkpoint: Path) -> int:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    return state["head.weight" if "head.weight" in state else "head.1.weight"].shape[0]  # the linear probe: BN + fc
+
+
+@pytest.mark.parametrize(
+    "script, extra", [(main_finetune, dict(mixup=0.8, cutmix=1.0)), (main_linprobe, {})], ids=["finetune", "linprobe"]
+)
+def test_nb_classes_defaults_to_the_folders_class_count(tmp_path: Path, script, extra: dict, caplog) -> None:
+    """Not given: the head has the training folder's 3 classes (said in the log), mixup's soft targets too; --eval
+    --resume of that checkpoint takes the validation folder's count and loads it."""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=2, val_per_class=1)
+    flags = tiny_run_args(data, tmp_path / "out", model="vit_tiny_patch4", epochs=1, warmup_epochs=0, batch_size=2)
+    with caplog.at_level("INFO"):
+        script.main(parse(script.get_args_parser(), **flags, **extra))
+    assert head_size(tmp_path / "out" / "checkpoint-last.pth") == 3
+    assert any(r.getMessage() == f"--nb_classes 3: the class count of {data / 'train'}" for r in caplog.records)
+    evaluation = parse(script.get_args_parser(), **flags, eval=True, resume=tmp_path / "out" / "checkpoint-0.pth")
+    assert 0 <= script.main(evaluation)["acc1"] <= 100
+    assert evaluation.nb_classes == 3  # the validation folder's
+
+
+def test_nb_classes_larger_than_the_folders_is_allowed_with_a_warning(tmp_path: Path, caplog) -> None:
+    """As official, a head larger than the folder's classes trains (e.g. an ImageNet-1k head on a subset); the log
+    says how many outputs have no images. (Smaller: test_bad_arguments_raise_usage_errors.)"""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=2, val_per_class=1)
+    flags = tiny_run_args(data, tmp_path / "out", model="vit_tiny_patch4", epochs=1, warmup_epochs=0, batch_size=2)
+    main_linprobe.main(parse(main_linprobe.get_args_parser(), **flags, nb_classes=5))
+    assert head_size(tmp_path / "out" / "checkpoint-last.pth") == 5
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = f"--nb_classes 5 is more than the 3 classes of {data / 'train'} and {data / 'val'}: 2 outputs of the "
+    assert expected + "head have no images" in warned, warned
+
+
+@pytest.mark.parametrize("script", [main_finetune, main_linprobe])
+def test_eval_with_finetune_is_refused(tmp_path: Path, script, monkeypatch) -> None:
+    """--eval evaluates --resume; --finetune would be ignored (as in the official scripts), so the pair is refused
+    in one line, before any work."""
+    import util.run
+
+    monkeypatch.setattr(util.run, "seed_everything", lambda *a: pytest.fail("work started before the refusal"))
+    data = make_image_folder(tmp_path / "data", per_class=1, val_per_class=1)
+    ckpt = tmp_path / "pretrained.pth"
+    torch.save({"model": {}}, ckpt)
+    args = parse(script.get_args_parser(), **tiny_run_args(data, tmp_path / "out"), eval=True, finetune=ckpt)
+    with pytest.raises(UsageError, match=f"--eval evaluates the --resume checkpoint .*--finetune {ckpt}") as e:
+        script.main(args)
+    assert "\n" not in str(e.value)
+
+
+def test_nb_classes_resolution_without_a_run() -> None:
+    """The one-line errors of util.datasets.resolve_num_classes: a validation set with more classes than the
+    training set whose count was taken, and images without a class list (a dataset passed in)."""
+    from types import SimpleNamespace
+
+    from util.datasets import resolve_num_classes
+
+    train = SimpleNamespace(root="train", classes=["a", "b"])
+    val = SimpleNamespace(root="val", classes=["a", "b", "c"])
+    assert resolve_num_classes(None, train) == 2 and resolve_num_classes(3, train, val) == 3
+    with pytest.raises(UsageError, match=r"^val has 3 classes but train has 2 \(the default --nb_classes\); set "):
+        resolve_num_classes(None, train, val)
+    with pytest.raises(UsageError, match="no class list to count: pass --nb_classes"):
+        resolve_num_classes(None, [(0, 0)])

@@ -26,8 +26,10 @@ def save_args_json(args: argparse.Namespace, output_dir: str) -> None:
     write_text_atomic(Path(output_dir) / "args.json", json.dumps(args_to_dict(args), indent=2, sort_keys=True) + "\n")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
-    """The distributed flags of the official scripts (same names and defaults), then this project's new flags."""
+def add_runtime_args(parser: argparse.ArgumentParser, port: int, training: bool = True) -> None:
+    """The distributed flags of the official scripts (same names and defaults), then this project's new flags;
+    without ``training`` (an evaluation that trains nothing), not the training-only ones: ``--compile``,
+    ``--compile_mode`` and the checkpoints inside an epoch (``--save_every_min``, ``--save_every_steps``)."""
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", action="store_true")
@@ -41,14 +43,15 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         choices=["bf16", "fp16", "none"],
         help="mixed precision; default bf16 on CUDA devices that support it, fp16 on older GPUs, none on CPU",
     )
-    new.add_argument("--compile", action="store_true", help="torch.compile the model")
-    new.add_argument(
-        "--compile_mode",
-        default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile's mode with --compile (default: its default); reduce-overhead and max-autotune replay "
-        "CUDA graphs",
-    )
+    if training:
+        new.add_argument("--compile", action="store_true", help="torch.compile the model")
+        new.add_argument(
+            "--compile_mode",
+            default=None,
+            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+            help="torch.compile's mode with --compile (default: its default); reduce-overhead and max-autotune "
+            "replay CUDA graphs",
+        )
     new.add_argument(
         "--print_freq",
         default=20,
@@ -70,6 +73,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int) -> None:
         "timeout (a rank that hangs; default: torch's, 10 for NCCL, 30 for gloo); a rank that dies stops the "
         "others at once",
     )
+    if not training:
+        return
     new.add_argument(
         "--save_every_min",
         default=0.0,
@@ -130,10 +135,17 @@ def validate_common_args(args: argparse.Namespace, data_list_file: bool = False)
         raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
     if getattr(args, "num_workers", 0) < 0:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
-    if getattr(args, "nb_classes", 1) < 1:
+    if getattr(args, "nb_classes", None) is not None and args.nb_classes < 1:  # None: the folder's class count
         raise UsageError(f"--nb_classes must be at least 1, got {args.nb_classes}")
-    if args.data_path and not (os.path.isdir(args.data_path) or data_list_file and os.path.isfile(args.data_path)):
+    check_input_paths(args, data_list_file)
+
+
+def check_input_paths(args: argparse.Namespace, data_list_file: bool = False) -> None:
+    """``--data_path`` is a folder (or, where ``data_list_file``, a list file) and ``--finetune`` a file."""
+    if args.data_path and not os.path.exists(args.data_path):
         raise UsageError(f"--data_path {args.data_path} does not exist")
+    if args.data_path and not (os.path.isdir(args.data_path) or data_list_file):
+        raise UsageError(f"--data_path {args.data_path} is a file, not a folder (an ImageFolder with train/ and val/)")
     if getattr(args, "finetune", "") and not os.path.isfile(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist")
 

@@ -17,6 +17,7 @@ from util.checkpoint import load_pretrained_state
 from util.datasets import CheckedImages, CheckedLoader, CollateSkippingBad
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
 from util.families import unwrap
+from util.metrics import MetricLogger
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,21 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, layer: int | N
     return feature.mean(dim=(2, 3))
 
 
+class _Indexed(Dataset):
+    """``dataset``'s items with their index: ``(image, (label, index))``, so that the features of the images that
+    were read can be put back in dataset order (unreadable ones skipped)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        sample, target = self.dataset[index]
+        return sample, (target, index)
+
+
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
@@ -39,41 +55,55 @@ def extract_features(
     amp: str = "none",
     num_workers: int = 0,
     layer: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) L2-normalised float32, labels (N,)) over ``dataset``, in dataset order, on every rank.
+    skip_bad_images: bool = False,
+    print_freq: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(features (N', D) L2-normalised float32, labels (N',), skipped) over ``dataset``, in dataset order, on every
+    rank.
 
     The features are the classifier's input (timm's ``forward_head(..., pre_logits=True)``): the pooled, normalised
     tokens (ViT: the cls token after ``norm``, or ``fc_norm`` of the mean patch token; MixMIM: the mean token);
-    with ``layer``, the average over positions of that block's (ViT) or stage's (MixMIM) map."""
+    with ``layer``, the average over positions of that block's (ViT) or stage's (MixMIM) map. An unreadable file
+    stops with ``BadImageError`` naming it, or with ``skip_bad_images`` is left out (a warning): N' = N - skipped.
+    ``print_freq``: a progress line every that many batches."""
     model.eval()
     world, rank = get_world_size(), get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)  # pads to equal shards
     checked = isinstance(dataset, CheckedImages)
     collate = CollateSkippingBad(dataset, substitute=False) if checked else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
-    if checked:  # an unreadable file: BadImageError naming it (every image must count: no skipping here)
-        loader = CheckedLoader(loader, skip=False, what=dataset.root)
-    feats, labels = [], []
-    for images, targets in loader:
+    loader = DataLoader(
+        _Indexed(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate
+    )
+    if checked:  # an unreadable file: BadImageError naming it, or a warning and left out
+        loader = CheckedLoader(loader, skip=skip_bad_images, what=dataset.root)
+    if print_freq:
+        loader = MetricLogger().log_every(loader, print_freq, f"features of {getattr(dataset, 'root', 'the set')}:")
+    feats, labels, indices = [], [], []
+    for images, (targets, index) in loader:
         with autocast(device, amp):
             feats.append(pooled_features(model, images.to(device, non_blocking=True), layer).float())
         labels.append(torch.as_tensor(targets).to(device))
+        indices.append(torch.as_tensor(index).to(device))
     local_f = F.normalize(torch.cat(feats), dim=1)  # (n, D)
-    local_l = torch.cat(labels)  # (n,)
+    local_l, local_i = torch.cat(labels), torch.cat(indices)  # (n,), (n,)
     if world == 1 or not is_dist_avail_and_initialized():
-        return local_f.cpu(), local_l.cpu()
-    gathered_f = [torch.empty_like(local_f) for _ in range(world)]
-    gathered_l = [torch.empty_like(local_l) for _ in range(world)]
-    dist.all_gather(gathered_f, local_f)
-    dist.all_gather(gathered_l, local_l)
-    n = len(dataset)
-    out_f = torch.empty(n, local_f.shape[1], dtype=local_f.dtype, device=local_f.device)
-    out_l = torch.empty(n, dtype=local_l.dtype, device=local_l.device)
-    for r in range(world):  # rank r held indices r, r + world, ... (padded by wrapping around)
-        idx = torch.tensor(list(DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=False)))
-        out_f[idx.to(out_f.device)] = gathered_f[r]
-        out_l[idx.to(out_l.device)] = gathered_l[r]
-    return out_f.cpu(), out_l.cpu()
+        return local_f.cpu(), local_l.cpu(), len(dataset) - len(local_i)
+    # each rank's features padded to its shard's length (index -1: room left by unreadable images), gathered, and
+    # put in dataset order
+    shard, n = len(sampler), len(local_i)
+    padded_f = local_f.new_zeros(shard, local_f.shape[1])
+    padded_l, padded_i = local_l.new_zeros(shard), local_i.new_full((shard,), -1)
+    padded_f[:n], padded_l[:n], padded_i[:n] = local_f, local_l, local_i
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in (padded_f, padded_l, padded_i)]
+    for out, t in zip(gathered, (padded_f, padded_l, padded_i), strict=True):
+        dist.all_gather(out, t)
+    out_f = local_f.new_zeros(len(dataset), local_f.shape[1])
+    out_l = local_l.new_zeros(len(dataset))
+    read = torch.zeros(len(dataset), dtype=torch.bool, device=local_i.device)
+    for f, labels_r, i in zip(*gathered, strict=True):  # rank r's images (padding repeats a few: same values)
+        keep = i >= 0
+        out_f[i[keep]], out_l[i[keep]], read[i[keep]] = f[keep], labels_r[keep], True
+    return out_f[read].cpu(), out_l[read].cpu(), int((~read).sum())
 
 
 @torch.no_grad()
@@ -129,7 +159,8 @@ def knn_accuracy(
 class PretrainingKNN:
     """k-NN of a pretraining model's encoder during pretraining (``main_pretrain.py --knn_freq``): its weights are
     copied into ``encoder``, the classifier of its architecture (as ``--finetune`` loads them), whose features are
-    voted on. Call on every rank."""
+    voted on. ``skip_bad_images``: unreadable files are left out (a warning) instead of stopping. Call on every
+    rank."""
 
     def __init__(
         self,
@@ -141,18 +172,19 @@ class PretrainingKNN:
         device: torch.device,
         amp: str = "none",
         num_workers: int = 0,
+        skip_bad_images: bool = False,
     ):
         self.encoder = encoder.to(device)
         self.train, self.val, self.ks, self.batch_size = train, val, ks, batch_size
-        self.device, self.amp, self.num_workers = device, amp, num_workers
+        self.device, self.amp, self.num_workers, self.skip_bad_images = device, amp, num_workers, skip_bad_images
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         source = unwrap(model)
         state = {k: v.detach().clone() for k, v in source.state_dict().items()}
         grid = tuple(source.patch_embed.grid_size) if hasattr(source.patch_embed, "grid_size") else None
         load_pretrained_state(self.encoder, state, "the pretraining model", head_init_std=None, grid=grid)
-        args = (self.batch_size, self.device, self.amp, self.num_workers)
-        train_f, train_l = extract_features(self.encoder, self.train, *args)
-        val_f, val_l = extract_features(self.encoder, self.val, *args)
+        args = (self.batch_size, self.device, self.amp, self.num_workers, None, self.skip_bad_images)
+        train_f, train_l, _ = extract_features(self.encoder, self.train, *args)
+        val_f, val_l, _ = extract_features(self.encoder, self.val, *args)
         num_classes = len(getattr(self.train, "classes", [])) or None
         return knn_accuracy(train_f, train_l, val_f, val_l, self.ks, num_classes=num_classes)

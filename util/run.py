@@ -26,12 +26,15 @@ logger = logging.getLogger(__name__)
 def start_run(
     args: argparse.Namespace, check: Callable[[argparse.Namespace], None], writes: bool = True
 ) -> torch.device:
-    """Everything before the data is read: the process group and device, the precision, ``check(args)`` (the
-    script's resolution of defaults and its one-line errors), writable output folders (when the run ``writes``),
-    the checkpoint to resume from, the arguments in the log, and the seeds. Returns the device."""
+    """Everything before the data is read: the process group and device, the precision, ``--log_dir`` (default:
+    ``--output_dir``), ``check(args)`` (the script's resolution of defaults and its one-line errors), writable
+    output folders (when the run ``writes``), the checkpoint to resume from, the arguments in the log, and the
+    seeds. Returns the device."""
     init_distributed_mode(args)
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
+    if args.log_dir is None:  # TensorBoard next to the checkpoints (official: ./output_dir whatever --output_dir)
+        args.log_dir = args.output_dir
     check(args)
     if writes:
         check_output_dir(args.output_dir)
