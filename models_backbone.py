@@ -13,7 +13,8 @@ ordered dict of feature maps and says their width in ``out_channels``. Two such 
   padded to it (bottom and right, as torchvision's batching pads) and the maps cropped back.
 
 ``detection_backbone(model, checkpoint)`` builds either from a model name of the table and a checkpoint (ours or
-official, pretraining or fine-tuned) loaded by the ``--finetune`` rules.
+official, pretraining or fine-tuned) loaded by the ``--finetune`` rules, for images of the checkpoint's channel count
+(``in_chans``: 1 for a grey ``--in_chans 1`` checkpoint) unless told another.
 
 Shape legend:
     B  batch size
@@ -21,7 +22,6 @@ Shape legend:
     H, W  image height and width; p  the ViT's patch size
 """
 
-import os
 from collections import OrderedDict
 
 import timm
@@ -33,7 +33,13 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from model_table import family_of, resolve_classifier_name
-from util.errors import UsageError
+from util.checkpoint import (
+    PATCH_EMBED_WEIGHT,
+    checkpoint_grid,
+    load_checkpoint_file,
+    load_pretrained_state,
+    state_dict_of,
+)
 
 
 def _projection(dim: int, out_channels: int) -> nn.Sequential:
@@ -84,7 +90,7 @@ class SimpleFeaturePyramid(nn.Module):
         self.project = nn.ModuleList([_projection(d, out_channels) for d in (dim // 4, dim // 2, dim, dim)])
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """(B, 3, H, W) -> {"0": (B, C, 4H/p, 4W/p), "1": 2x, "2": 1x, "3": 1/2x, "pool": 1/4x}."""
+        """(B, in_chans, H, W) -> {"0": (B, C, 4H/p, 4W/p), "1": 2x, "2": 1x, "3": 1/2x, "pool": 1/4x}."""
         (feature,) = self.vit.forward_intermediates(x, indices=[self.last], intermediates_only=True)  # (B, D, H/p, W/p)
         maps = [project(resample(feature)) for resample, project in zip(self.resample, self.project, strict=True)]
         maps.append(F.max_pool2d(maps[-1], kernel_size=1, stride=2))  # the "pool" level, as torchvision's FPN
@@ -107,19 +113,23 @@ class StageFeaturePyramid(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """(B, 3, H, W), H and W at most the encoder's input size -> the FPN's maps."""
+        """(B, in_chans, H, W), H and W at most the encoder's input size -> the FPN's maps."""
         H, W = x.shape[-2:]
         size = self.encoder.patch_embed.img_size  # fixed by the windows
         if H > size[0] or W > size[1]:
             raise ValueError(f"images of {H}x{W} exceed the {size[0]}x{size[1]} the encoder was built for (img_size)")
-        x = F.pad(x, (0, size[1] - W, 0, size[0] - H))  # (B, 3, *size)
+        x = F.pad(x, (0, size[1] - W, 0, size[0] - H))  # (B, in_chans, *size)
         maps = self.encoder.forward_intermediates(x, norm=True, intermediates_only=True)
         maps = [m[..., : -(-H // s), : -(-W // s)] for m, s in zip(maps, self.strides, strict=True)]  # the image's part
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
 
 def detection_backbone(
-    model: str, checkpoint: str | None = None, out_channels: int = 256, img_size: int | None = None
+    model: str,
+    checkpoint: str | None = None,
+    out_channels: int = 256,
+    img_size: int | None = None,
+    in_chans: int | None = None,
 ) -> nn.Module:
     """A feature pyramid for torchvision's detection models on the encoder of ``model`` (a name of the model table:
     pretraining or classifier, either family), with ``checkpoint``'s weights if given (ours or official; loaded
@@ -127,18 +137,26 @@ def detection_backbone(
 
     ViT: ``SimpleFeaturePyramid``, any input size (the position embedding is interpolated on the fly from
     ``img_size``, default the model's). MixMIM: ``StageFeaturePyramid``, built for ``img_size`` (its largest input).
+    ``in_chans``: the images' channels; by default the checkpoint's (its patch embedding's), else 3. A 3-channel
+    checkpoint for other ``in_chans`` has its patch embedding adapted as with ``--finetune`` (timm's
+    ``adapt_input_conv``).
     """
     name = resolve_classifier_name(model)
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint} does not exist")
-    kwargs = dict(num_classes=0)  # a fine-tuned checkpoint's head is left out
+    state, grid = {}, None
+    if checkpoint:
+        loaded = load_checkpoint_file(checkpoint)
+        state, grid = state_dict_of(loaded), checkpoint_grid(loaded)
+        if in_chans is None and getattr(state.get(PATCH_EMBED_WEIGHT), "ndim", 0) == 4:
+            in_chans = state[PATCH_EMBED_WEIGHT].shape[1]  # (D, C, p, p)
+    kwargs = dict(num_classes=0, in_chans=in_chans or 3)  # a fine-tuned checkpoint's head is left out
     if img_size is not None:
         kwargs["img_size"] = img_size
-    if checkpoint:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    if family_of(name) == "mae":
+    vit = family_of(name) == "mae"
+    if vit:
         # global pooling: no final norm, so any checkpoint fits (pretraining, cls-token or global-pool fine-tuned);
         # the pyramid drops the norms and the pooling anyway
-        vit = timm.create_model(name, dynamic_img_size=True, global_pool=True, **kwargs)
-        return SimpleFeaturePyramid(vit, out_channels)
-    return StageFeaturePyramid(timm.create_model(name, **kwargs), out_channels)
+        kwargs.update(dynamic_img_size=True, global_pool=True)
+    encoder = timm.create_model(name, **kwargs)
+    if checkpoint:  # what timm's pretrained_cfg file loading does, with the checkpoint's grid and read once
+        load_pretrained_state(encoder, state, checkpoint, head_init_std=None, grid=grid)
+    return SimpleFeaturePyramid(encoder, out_channels) if vit else StageFeaturePyramid(encoder, out_channels)

@@ -163,3 +163,39 @@ def test_a_fine_tuned_checkpoint_makes_a_backbone(tmp_path: Path, name: str, siz
         if key in own:
             torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
     assert "blocks.5.mlp.fc2.weight" in own or "layers.3.blocks.0.mlp.fc2.weight" in own
+
+
+@pytest.mark.parametrize("name, size", [("mae_vit_tiny_patch4", 32), ("mixmim_tiny", 64)])
+def test_a_one_channel_checkpoint_makes_a_one_channel_backbone(tmp_path: Path, name: str, size: int) -> None:
+    """A checkpoint pretrained on grey images (``--in_chans 1``): the backbone takes one channel without being told,
+    its patch embedding is the checkpoint's, and Mask R-CNN normalises with the checkpoint's statistics."""
+    torch.manual_seed(0)
+    pretrain = models_mae.mae_vit_tiny_patch4 if name.startswith("mae") else models_mixmim.mixmim_tiny
+    encoder = pretrain(in_chans=1)
+    path = tmp_path / "grey.pth"
+    torch.save({"model": encoder.state_dict(), "data_stats": {"mean": [0.29], "std": [0.35]}}, path)
+    backbone = detection_backbone(name, str(path), out_channels=8).eval()
+    inner = backbone.vit if name.startswith("mae") else backbone.encoder
+    assert inner.patch_embed.proj.weight.shape[1] == 1
+    torch.testing.assert_close(inner.patch_embed.proj.weight, encoder.patch_embed.proj.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 1, size, size))
+    assert all(m.shape[:2] == (2, 8) and torch.isfinite(m).all() for m in maps.values())
+
+    stats = torch.load(path, weights_only=True)["data_stats"]
+    detector = MaskRCNN(backbone, num_classes=3, min_size=size, max_size=size, image_mean=stats["mean"],
+                        image_std=stats["std"]).eval()  # fmt: skip
+    with torch.no_grad():
+        (out,) = detector([torch.rand(1, size, size)])
+    assert set(out) == {"boxes", "labels", "scores", "masks"}
+
+
+def test_a_three_channel_checkpoint_is_adapted_to_one_channel(tmp_path: Path) -> None:
+    """An RGB checkpoint (the official ones) for grey images: timm's adapt_input_conv rule, the sum over RGB."""
+    torch.manual_seed(0)
+    encoder = models_mae.mae_vit_tiny_patch4()
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": encoder.state_dict()}, path)
+    backbone = detection_backbone("vit_tiny_patch4", str(path), out_channels=8, in_chans=1)
+    expected = encoder.patch_embed.proj.weight.sum(dim=1, keepdim=True)  # (D, 1, p, p)
+    torch.testing.assert_close(backbone.vit.patch_embed.proj.weight, expected)

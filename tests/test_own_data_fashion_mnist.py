@@ -1,12 +1,16 @@
 """Real data nobody made for this code: Fashion-MNIST written as one-channel PNGs to an unlabelled folder, MAE
-pretraining on it with --in_chans 1 and --data_stats auto, and its reconstruction of held-out test images."""
+pretraining on it with --in_chans 1 and --data_stats auto, and its reconstruction of held-out test images; the script
+that writes such folders (scripts/fashion_mnist_folders.py)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
 from train_utils import parse, tiny_run_args
 
 import main_pretrain
@@ -68,3 +72,31 @@ def test_grey_unlabelled_pretraining_learns_to_reconstruct_held_out_images(tmp_p
     load_model_strict(trained, ckpt["model"], "checkpoint-last.pth")
     before, after = held_out_loss(init, images), held_out_loss(trained, images)
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST not in {DEFAULT_DATA_PATH}")
+def test_the_folder_writer_writes_the_demos_images(tmp_path: Path) -> None:
+    """``scripts/fashion_mnist_folders.py``: unlabelled PNGs in nested folders and a labelled ImageFolder, holding
+    exactly the demo's subsets (pixels and labels)."""
+    out = tmp_path / "grey"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fashion_mnist_folders.py"
+    flags = ["--pretrain_images", "30", "--labelled_images", "20", "--test_images", "10", "--seed", "3",
+             "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    subprocess.run([sys.executable, str(script), str(out), *flags], check=True, cwd=tmp_path)
+
+    root = prepare_root(DEFAULT_DATA_PATH, tmp_path / "cache")
+    unlabelled = sorted((out / "unlabelled").rglob("*.png"))
+    assert [p.relative_to(out / "unlabelled").as_posix() for p in unlabelled[:2]] == [
+        "000/0/00000.png",
+        "000/0/00001.png",
+    ]
+    expected = FashionMNISTImages(root, train=True, num_samples=30, seed=3).images  # (30, 32, 32) uint8
+    assert torch.equal(torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in unlabelled]), expected)
+    for split, train, count in (("train", True, 20), ("val", False, 10)):
+        folder = ImageFolder(str(out / "labelled" / split))
+        data = FashionMNISTImages(root, train=train, num_samples=count, seed=3)
+        names = {f"{i}_{name.replace('/', '-').replace(' ', '-')}": i for i, name in enumerate(data.classes)}
+        by_index = {int(Path(p).stem): (np.array(Image.open(p)), names[folder.classes[c]]) for p, c in folder.samples}
+        assert sorted(by_index) == list(range(count))
+        for i, (pixels, label) in by_index.items():
+            assert np.array_equal(pixels, data.images[i].numpy()) and label == int(data.targets[i])

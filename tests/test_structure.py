@@ -2,6 +2,7 @@
 other script."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,35 @@ def test_fault_injection_adds_no_call_to_the_training_step(monkeypatch) -> None:
     assert faults.step_killer() is None
     monkeypatch.setenv(faults.ENV, "step:3")
     assert callable(faults.step_killer())
+
+
+def _layout_names() -> set[str]:
+    """The paths README's Layout block names in its first column: ``util/optim.py, lars.py`` names
+    ``util/optim.py`` and ``util/lars.py``; a continuation line (indented) names nothing."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    names = set()
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" "):
+            continue
+        folder = ""
+        for item in re.split(r",\s*", re.split(r"\s{2,}", line.strip())[0]):
+            folder = item.rpartition("/")[0] or folder
+            names.add(item if "/" in item else f"{folder}/{item}".lstrip("/"))
+    return names
+
+
+def test_the_readme_layout_names_every_module_and_script() -> None:
+    """Every .py file at the top level and in util/, and every file in scripts/, has a line in README's Layout."""
+    files = [p for p in [*ROOT.glob("*.py"), *(ROOT / "util").glob("*.py")] if p.name != "__init__.py"]
+    files += [p for p in (ROOT / "scripts").iterdir() if p.is_file()]
+    missing = sorted(str(p.relative_to(ROOT)) for p in files if str(p.relative_to(ROOT)) not in _layout_names())
+    assert not missing, f"not in README.md's Layout: {missing}"
+
+
+def test_benchmarks_md_names_every_file_of_benchmarks() -> None:
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    missing = sorted(
+        p.name for p in (ROOT / "benchmarks").iterdir() if p.is_file() and f"benchmarks/{p.name}" not in text
+    )
+    assert not missing, f"not in BENCHMARKS.md: {missing}"

@@ -7,7 +7,8 @@ gzipped files are decompressed there, uncompressed ones are symlinked. Any folde
 
 Images are padded 28 -> 32 (2 black pixels each side, the background colour), optionally resized (bicubic) to
 another size (64 for ``mixmim_tiny``), repeated over 3 channels and normalised with the ImageNet mean and std, as
-the models expect.
+the models expect. ``write_image_folders`` writes the same images as one-channel PNG folders, as a user's own data
+would come (``scripts/fashion_mnist_folders.py``).
 """
 
 import gzip
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
@@ -142,3 +144,38 @@ def denormalize(imgs: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(3, 1, 1)
     return (imgs * std + mean).clamp(0, 1)
+
+
+def write_image_folders(
+    root: str,
+    out: str | os.PathLike,
+    pretrain_images: int,
+    labelled_images: int,
+    test_images: int,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write Fashion-MNIST as one-channel 32x32 PNGs (28x28 padded by 2 black pixels per side) into ``out``:
+
+    - ``unlabelled/``: the first ``pretrain_images`` of a seeded permutation of the train split, in nested folders
+      without classes (``unlabelled/012/3/12345.png``), for pretraining on unlabelled images;
+    - ``labelled/train/<class>/``: the first ``labelled_images`` of the same permutation, ``labelled/val/<class>/``:
+      ``test_images`` of the test split (a seeded subset; 10000: all), an ImageFolder for k-NN, probing and
+      fine-tuning.
+
+    These are the images the demo picks with the same counts and seed. Returns the number of files written per set.
+    """
+    out = Path(out)
+    sets = {
+        "unlabelled": FashionMNISTImages(root, True, pretrain_images, seed),
+        "labelled/train": FashionMNISTImages(root, True, labelled_images, seed),
+        "labelled/val": FashionMNISTImages(root, False, test_images, seed),
+    }
+    folders = [f"{i}_{name.replace('/', '-').replace(' ', '-')}" for i, name in enumerate(CLASSES)]  # "0_T-shirt-top"
+    for name, data in sets.items():
+        for i, (image, label) in enumerate(zip(data.images.numpy(), data.targets.tolist(), strict=True)):
+            inner = f"{i // 1000:03d}/{i // 100 % 10}" if name == "unlabelled" else folders[label]
+            path = out / name / inner / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, mode="L").save(path)
+        logger.info("wrote %d images to %s", len(data), out / name)
+    return {name: len(data) for name, data in sets.items()}
