@@ -14,7 +14,7 @@ from engine_finetune import evaluate, fit
 from model_table import build_classifier, check_buildable, compile_model, family_defaults, resolve_classifier_name
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
-from util.cli import add_input_size_arg, add_runtime_args, run_cli, validate_common_args
+from util.cli import add_input_size_arg, add_nb_classes_arg, add_runtime_args, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import (
     build_dataset,
@@ -151,13 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         help="dataset path (an ImageFolder with train/ and val/)",
     )
-    parser.add_argument(
-        "--nb_classes",
-        default=None,
-        type=int,
-        help="number of the classification types (default: the training folder's class count; with --eval the "
-        "validation folder's)",
-    )
+    add_nb_classes_arg(parser)
     parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
     parser.add_argument(
         "--log_dir", default=None, help="path where to tensorboard log (default: --output_dir; '': none)"

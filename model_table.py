@@ -173,8 +173,8 @@ def _create(name: str, input_size: int | tuple[int, int], device: torch.device |
     if not isinstance(input_size, int):
         if family_of(name) == "mixmim":
             raise UsageError(
-                f"--model {name} takes square images only: --input_size S, S a multiple of its stride "
-                f"(its windows are fixed per stage; non-square --input_size H W is for MAE / ViT)"
+                f"--model {name} takes square images only: --input_size S, a size its windows fit (224, 448, ... "
+                f"for the released models; see PRETRAIN.md); non-square --input_size H W is for MAE / ViT"
             )
         input_size = tuple(input_size)
     if device is not None and family_of(name) == "mixmim":

@@ -1,7 +1,7 @@
 """One MixMIM pretraining step (forward, backward, AdamW) per attention path, optionally against the official code.
 
 Times ``--rounds`` x ``--steps`` steps after ``--warmup`` steps of ``--model`` (default ``mixmim_base``, 224x224,
-batch 4, fp32, 2 threads, as in the performance issue) for each attention path of ``models_mixmim.WindowAttention``:
+batch 4, fp32, 2 threads, as in BENCHMARKS.md) for each attention path of ``models_mixmim.WindowAttention``:
 ``plain`` (matmul, additive bias+mask, softmax) and ``sdpa`` (``F.scaled_dot_product_attention`` with the same
 additive mask). Reports the median seconds per step, images/s and, on CUDA, peak memory. The contenders take turns,
 round by round, so that load from other processes falls on all of them alike.

@@ -18,7 +18,7 @@ Pretraining models (``mae_vit_*``, ``mixmim_*``) are stepped on their own loss a
 ``--drop-path`` (0.1 as in the official fine-tuning recipes).
 
 Examples:
-    # H100, the table
+    # H100
     python benchmarks/bench_train.py --models mae_vit_base_patch16 mae_vit_large_patch16 vit_base_patch16 \\
         mixmim_base --batch-size 128 --amp bf16 --compile both --peak-tflops 989 --json bench_h100.json
     # FLOPs per image of every size, and the images/s of 100% MFU on an H100 (meta device: any machine, seconds)

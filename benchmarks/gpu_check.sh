@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole visit to a GPU machine, as one command: the CUDA tests, our training-step throughput (bf16, eager and
+# Everything to check on a GPU machine, as one command: the CUDA tests, our training-step throughput (bf16, eager and
 # compiled, with MFU), the official code's step on the same GPU, and the data loader on the machine's cores.
 #
 #   bash benchmarks/gpu_prepare.sh MAE_REPO MIXMIM_REPO    # here, once: fills the git-ignored .gpu/
@@ -8,7 +8,7 @@
 # The machine needs torch (with CUDA), torchvision, numpy, Pillow, pytest and tensorboard; timm comes from .gpu/timm
 # (the version requirements.txt pins), the official code from .gpu/official with timm 0.3.2 (MAE) and 0.5.4 (MixMIM).
 # Without .gpu/official the official rows are skipped. Everything ends within GPU_CHECK_BUDGET seconds (default
-# 540, under the device tool's 10-minute call): each step gets what is left, the later ones are skipped when nothing
+# 540, within a 10-minute command): each step gets what is left, the later ones are skipped when nothing
 # is. OUT_DIR gets five files: log.txt (everything printed), cuda_tests.xml (junit, with the tests' measured
 # errors as properties), raw.tar (every step's own JSON), summary.json (environment, every step's status and
 # seconds, every row) and summary.md (the tables). PEAK_TFLOPS (default 989, H100/H200 SXM dense bf16) sets the MFU denominator. GPU_CHECK_STEPS

@@ -6,7 +6,7 @@ RAW_DIR holds what the steps wrote (``env.json``, ``steps.jsonl``, ``bench_eager
 ``official_*.json``, ``e2e.json``, ``loader.json``; any may be missing when its step failed or was skipped) and
 ``OUT_DIR/cuda_tests.xml`` the junit of the CUDA tests. Writes ``OUT_DIR/summary.json`` (all of it, the raw rows
 included) and ``OUT_DIR/summary.md``: per model, ours eager / compiled (bare step and the scripts' engine loop) and
-the official step, img/s, MFU and peak memory, against the targets of issue 13 (MFU, and at least 2.5x the official
+the official step, img/s, MFU and peak memory, against the speed targets (MFU, and at least 2.5x the official
 step).
 """
 
@@ -15,7 +15,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-# bf16 MFU targets (issue 13), and the speed-up over the official step
+# bf16 MFU targets, and the speed-up over the official step
 TARGET_MFU = {
     "mae_vit_large_patch16": 0.45,
     "mae_vit_base_patch16": 0.35,

@@ -2,7 +2,7 @@
 eager, fused AdamW against the foreach one, the scripts end to end with resume, and no host synchronisation
 between progress lines. ``pytest -m cuda`` selects these (``benchmarks/gpu_check.sh`` runs them on a GPU machine);
 without CUDA they skip. ``CUDA_TESTS_ON_CPU=1`` runs the same logic on the CPU (a dry run of the checks before a
-GPU visit; the sync check needs CUDA and still skips).
+GPU check; the sync check needs CUDA and still skips).
 
 Tolerances are stated per check. Each test also records what it measured (``record_property``: the junit XML of
 gpu_check.sh keeps the figures). Mixed precision is compared on the loss and on the whole gradient vector

@@ -2,8 +2,10 @@
 with exactly the weights and optimizer state of the uninterrupted run (CPU, deterministic)."""
 
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from train_utils import env_without_dist, make_image_folder, parse, run_torchrun
 import main_finetune
 import main_pretrain
 from util.errors import Preempted, UsageError
-from util.preemption import REQUEUE_EXIT_CODE, SIGNALS, EpochControl
+from util.preemption import REPEAT_WINDOW_S, REQUEUE_EXIT_CODE, SIGNALS, EpochControl
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4  # 16 images, batch 4: steps per epoch
@@ -204,3 +206,23 @@ def test_two_ranks_stop_together_when_one_is_signalled_and_resume_exactly(tmp_pa
     proc = run_torchrun(cli(out, "--resume", "auto"), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_state(load(straight / "checkpoint-last.pth"), load(out / "checkpoint-last.pth"))
+
+
+def test_the_same_signal_twice_at_once_is_one_preemption_and_later_stops_at_once(monkeypatch) -> None:
+    """SLURM signals the tasks and srun, which forwards the signal to them: two SIGTERMs within milliseconds must
+    still checkpoint. The same signal again after the window does what it would do without the handler."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    stopped = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.append("default"))  # stands for "terminate"
+    try:
+        SIGNALS.install()
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the forwarded copy
+        assert SIGNALS.requested and SIGNALS.received == "SIGTERM" and stopped == []
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + REPEAT_WINDOW_S + 1)
+        signal.raise_signal(signal.SIGTERM)  # a second request, later: the previous handler runs
+        assert stopped == ["default"]
+    finally:
+        SIGNALS.uninstall()
+        signal.signal(signal.SIGTERM, previous)

@@ -96,6 +96,13 @@ def add_input_size_arg(parser: argparse.ArgumentParser, default: int = 224, help
                         help=f"{help}: a side S, or H W for non-square images (MAE / ViT)")  # fmt: skip
 
 
+def add_nb_classes_arg(parser: argparse.ArgumentParser) -> None:
+    """``--nb_classes`` of the classifier scripts; official default 1000, here the folder's class count (None until
+    ``util.datasets.resolve_num_classes`` counts it)."""
+    parser.add_argument("--nb_classes", default=None, type=int, help="number of the classification types (default: "
+                        "the training folder's class count; with --eval the validation folder's)")  # fmt: skip
+
+
 def input_size_value(size: int | Sequence[int]) -> int | list[int]:
     """An input size as the models and transforms take it: an int for a square (S, [S] or [S, S]), else [H, W];
     one-line errors for another number of values or a side below 1."""

@@ -36,13 +36,19 @@ logger = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 3  # the job script requeues on it (scontrol requeue $SLURM_JOB_ID)
 
 
+REPEAT_WINDOW_S = 5.0  # the same signal again this soon is the same preemption, delivered twice
+
+
 class StopSignals:
-    """Catch the signals that announce a preemption; ``requested`` turns True at the first. A second one of the same
-    signal is not caught: the process stops at once, as without this handler."""
+    """Catch the signals that announce a preemption; ``requested`` turns True at the first. The same signal again
+    later than ``REPEAT_WINDOW_S`` is not caught: the process stops at once, as without this handler. Within the
+    window it is the same announcement, delivered twice: SLURM signals the tasks and ``srun``, which forwards the
+    signal to them again."""
 
     def __init__(self) -> None:
         self.requested = False
         self.received: str | None = None
+        self.received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -65,15 +71,17 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.requested and name == self.received:  # the same signal again: do what it would have done
-            self.uninstall()
+        if self.requested and name == self.received:
+            if time.monotonic() - self.received_at < REPEAT_WINDOW_S:
+                logger.warning("%s received again: still checkpointing at the next progress line", name)
+                return
+            self.uninstall()  # the same signal again, later: do what it would have done
             signal.raise_signal(signum)
             return
         if self.requested:  # another of the two (SIGTERM after SIGUSR1): already on the way out
             logger.warning("%s received: already stopping at the next progress line", name)
             return
-        self.requested = True
-        self.received = name
+        self.requested, self.received, self.received_at = True, name, time.monotonic()
         logger.warning("%s received: checkpointing at the next progress line, then stopping", self.received)
 
 
