@@ -1,4 +1,4 @@
-"""The whole method on real images in ~6 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
+"""The whole method on real images in about 4 minutes on 2 CPU cores: Fashion-MNIST, a tiny MAE (or MixMIM).
 
 1. MAE pretraining of ``mae_vit_tiny_patch4`` on (a subset of) the Fashion-MNIST train split;
 2. k-NN (``main_knn.py``, 20-NN), linear probe and fine-tuning from that checkpoint, and the same three from random
@@ -15,7 +15,7 @@ torchvision's ``FashionMNIST`` (from Debian's ``dataset-fashion-mnist`` package,
 and kept in memory as tensors (padded to 32x32, 3 channels, random flips for training). docs/demo.md ("What differs
 from running the scripts") lists what differs from running them on an ImageFolder.
 
-    python demo.py                       # MAE, ~6 min on 2 CPU cores
+    python demo.py                       # MAE, about 4 min on 2 CPU cores
     python demo.py --family mixmim       # the same with mixmim_tiny (64x64 inputs)
 """
 

@@ -230,8 +230,7 @@ def main(
     )
     if dataset_val is None:
         dataset_val = build_dataset(is_train=False, args=args)
-    labelled = [dataset_val] if args.eval else [dataset_train, dataset_val]
-    args.nb_classes = resolve_num_classes(args.nb_classes, *labelled)  # else the first one's class count
+    args.nb_classes = resolve_num_classes(args, dataset_train, dataset_val)
     data_loader_val = val_loader(dataset_val, args, device)
     if not args.eval:
         data_loader_train = train_loader(dataset_train, args, device)

@@ -173,18 +173,17 @@ def main(
     if dataset_val is None:
         transform = eval_transform(args.input_size, args.in_chans, args.mean, args.std)
         dataset_val = image_folder(os.path.join(args.data_path, "val"), transform, args.in_chans)
-    labelled = [dataset_val] if args.eval else [dataset_train, dataset_val]
-    args.nb_classes = resolve_num_classes(args.nb_classes, *labelled)  # else the first one's class count
+    args.nb_classes = resolve_num_classes(args, dataset_train, dataset_val)
     data_loader_val = val_loader(dataset_val, args, device)
     data_loader_train = None
     if not args.eval:
         data_loader_train = train_loader(dataset_train, args, device)
 
-    model = build_classifier(
-        args.model_name, args.input_size, args.nb_classes, 0.0, args.global_pool, device, args.in_chans
-    )
-    if family_of(args.model_name) == "mixmim":
+    mixmim = family_of(args.model_name) == "mixmim"
+    if mixmim:  # --cls_token is the probe's default, not a choice made for MixMIM
         logger.info("features: the pooled last stage (MixMIM; --cls_token and --global_pool choose for ViTs only)")
+    global_pool = None if mixmim else args.global_pool
+    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, global_pool, device, args.in_chans)
     if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)

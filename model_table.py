@@ -10,6 +10,7 @@ defaults (mask ratio, checkpoint cadence). An unknown name or an input size the 
 ``util/families.py``'s question, below them.
 """
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ import models_vit
 from util.cli import input_size_value
 from util.errors import UsageError
 from util.families import unwrap
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -224,12 +227,15 @@ def build_classifier(
 ) -> nn.Module:
     """A classifier (ViT or MixMIM) for fine-tuning or linear probing, for images of ``in_chans`` channels.
 
-    ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM classifiers always pool their last stage.
+    ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM classifiers always pool their last stage
+    (``False``, an explicit ``--cls_token``, is warned about; None is no choice).
     """
     resolved = resolve_classifier_name(name)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans)
     if family_of(resolved) == "mae":
         kwargs["global_pool"] = bool(global_pool)
+    elif global_pool is False:
+        logger.warning("--cls_token is ignored for %s: MixMIM classifiers pool the last stage's tokens", resolved)
     return _create(resolved, input_size, device, **kwargs)
 
 

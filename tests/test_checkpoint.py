@@ -164,6 +164,19 @@ def test_official_checkpoint_with_namespace_loads_weights_only(tmp_path: Path) -
         load_checkpoint_file(tmp_path / "evil.pth")
 
 
+def test_a_checkpoint_in_the_legacy_format_loads(tmp_path: Path) -> None:
+    """torch.save's format before PyTorch 1.6 (a pickle, not a zip) is a checkpoint, not "a foreign pickle"."""
+    path = tmp_path / "legacy.pth"
+    weights = torch.arange(6.0).view(2, 3)
+    torch.save(
+        {"model": {"w": weights}, "args": argparse.Namespace(lr=0.1)}, path, _use_new_zipfile_serialization=False
+    )
+    assert torch.equal(load_checkpoint_file(path)["model"]["w"], weights)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UsageError, match=r"legacy.pth is truncated or corrupt \(EOFError: the file ends early\)"):
+        load_checkpoint_file(path)
+
+
 def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert find_resume_checkpoint(str(tmp_path)) is None
     for epoch in (2, 10):

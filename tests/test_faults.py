@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import io
 import json
+import pickle
 import re
 import runpy
 import subprocess
@@ -397,6 +398,7 @@ NO_CHECKPOINT = {  # kind of file: what the one line says
     r"official argparse.Namespace\) are read",
     "truncated": r"is truncated or corrupt \(RuntimeError: PytorchStreamReader failed reading zip archive",
     "no weights": r"holds no model weights: a dict of \{epoch, args\}",
+    "pickle": r"plain.pkl is not a PyTorch checkpoint \(it looks like a Python pickle that torch.save did not write\)",
 }
 
 
@@ -416,6 +418,9 @@ def no_checkpoint(kind: str, data: Path, pretrained: dict[str, Path], folder: Pa
         path = folder / "checkpoint-0.pth"
         whole = (pretrained["mae"] / "checkpoint-0.pth").read_bytes()
         path.write_bytes(whole[: len(whole) // 2])
+    elif kind == "pickle":
+        path = folder / "plain.pkl"
+        path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}))
     else:
         path = folder / "no_weights.pth"
         torch.save({"epoch": 3, "args": {"model": "mae_vit_tiny_patch4"}}, path)
@@ -443,6 +448,7 @@ def run_visualize(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
         ("object", "pretrain", "finetune"),
         ("truncated", "finetune", "resume"),
         ("no weights", "linprobe", "finetune"),
+        ("pickle", "pretrain", "finetune"),
     ],
 )
 def test_a_file_that_is_no_checkpoint_is_one_line(

@@ -40,12 +40,13 @@ def test_unknown_model_lists_the_choices() -> None:
         resolve_pretrain_name("mae_vit_giant")
     with pytest.raises(UsageError, match="unknown classifier --model 'vit_giant'") as clf:
         resolve_classifier_name("vit_giant")
-    for message, resolve in ((str(pre.value), resolve_pretrain_name), (str(clf.value), resolve_classifier_name)):
-        listed = message.split("choose one of: ")[1]
-        for entry in listed.split("), ") if "(" in listed else listed.split(", "):
+    for message, models in ((str(pre.value), 8), (str(clf.value), 10)):  # every architecture with such a model
+        entries = message.split("choose one of: ")[1].split("), ")
+        assert len(entries) == models
+        for entry in entries:
             own, _, others = entry.rstrip(")").partition(" (also ")
-            for alias in filter(None, others.split(", ")):
-                assert resolve(alias) == resolve(own) or resolve(alias) == alias, entry
+            for alias in others.split(", "):  # each name listed with a model builds that architecture
+                assert resolve_classifier_name(alias) == resolve_classifier_name(own), entry
     assert "mae_vit_base_patch16 (also mae_vit_base_patch16_dec512d8b, vit_base_patch16)" in str(pre.value)
     assert "mixmim_base_384_ft (also mixmim_base_384)" in str(clf.value)
     assert "mixmim_base_384" not in str(pre.value)  # no pretraining model of that size
@@ -200,17 +201,44 @@ def test_eval_with_finetune_is_refused(tmp_path: Path, script, monkeypatch) -> N
     assert "\n" not in str(e.value)
 
 
-def test_nb_classes_resolution_without_a_run() -> None:
-    """The one-line errors of util.datasets.resolve_num_classes: a validation set with more classes than the
-    training set whose count was taken, and images without a class list (a dataset passed in)."""
+def test_nb_classes_resolution_without_a_run(tmp_path: Path) -> None:
+    """util.datasets.resolve_num_classes: the training set's count by default (the validation set's with --eval),
+    the --resume checkpoint's head when resuming, and one-line errors for a set with more classes than the head
+    (datasets passed in without a root too) and for images without a class list."""
     from types import SimpleNamespace
 
     from util.datasets import resolve_num_classes
 
+    def args(nb_classes=None, eval=False, resume=""):
+        return SimpleNamespace(nb_classes=nb_classes, eval=eval, resume=resume)
+
     train = SimpleNamespace(root="train", classes=["a", "b"])
     val = SimpleNamespace(root="val", classes=["a", "b", "c"])
-    assert resolve_num_classes(None, train) == 2 and resolve_num_classes(3, train, val) == 3
+    assert resolve_num_classes(args(3), train, val) == 3
+    assert resolve_num_classes(args(eval=True), None, val) == 3
     with pytest.raises(UsageError, match=r"^val has 3 classes but train has 2 \(the default --nb_classes\); set "):
-        resolve_num_classes(None, train, val)
+        resolve_num_classes(args(), train, val)
+    rootless = [SimpleNamespace(classes=list(range(n))) for n in (12, 10)]  # datasets passed in: no root
+    with pytest.raises(UsageError, match="the training set has 12 classes but --nb_classes is 10"):
+        resolve_num_classes(args(10), *rootless)
+    assert resolve_num_classes(args(), *rootless) == 12
     with pytest.raises(UsageError, match="no class list to count: pass --nb_classes"):
-        resolve_num_classes(None, [(0, 0)])
+        resolve_num_classes(args(), [(0, 0)], val)
+    for key, rows in (("head.weight", 7), ("head.1.weight", 5)):  # fine-tuned, linear probe
+        ckpt = tmp_path / f"{rows}.pth"
+        torch.save({"model": {key: torch.zeros(rows, 4)}}, ckpt)
+        assert resolve_num_classes(args(resume=str(ckpt)), train, val) == rows
+        assert resolve_num_classes(args(9, resume=str(ckpt)), train, val) == 9  # the flag wins
+
+
+def test_cls_token_is_warned_about_for_mixmim_only_when_chosen(caplog) -> None:
+    """MixMIM classifiers always pool: an explicit --cls_token (global_pool False) is warned about, no choice (the
+    linear probe's default, passed as None for MixMIM) is not."""
+    from model_table import build_classifier
+
+    with caplog.at_level("WARNING"):
+        build_classifier("mixmim_tiny_ft", 64, 2, 0.0, global_pool=None)
+    assert not [r for r in caplog.records if "--cls_token" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        build_classifier("mixmim_tiny_ft", 64, 2, 0.0, global_pool=False)
+    assert [r for r in caplog.records if "--cls_token is ignored for mixmim_tiny_ft" in r.getMessage()]

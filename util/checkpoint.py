@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import pickle
-import pkgutil
 import re
 import zipfile
 from pathlib import Path
@@ -61,11 +60,14 @@ def load_checkpoint_file(path: str | os.PathLike, weights: bool = True) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never repeat that
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        if found and not _torch_name_cut_short(found.group(1)):
+        if found:
             raise UsageError(
                 f"checkpoint {path} holds a pickled `{found.group(1)}` object, not plain data; only plain dicts / "
                 f"tensors (and the official argparse.Namespace) are read"
             ) from None
+        if not head.startswith((b"PK\x03\x04", _LEGACY_MAGIC)):
+            raise UsageError(f"{path} is not a PyTorch checkpoint (it looks like a Python pickle that torch.save did "
+                             "not write); give a .pth file written by torch.save") from None  # fmt: skip
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({_unpickler_reason(e)})") from None
     except Exception as e:  # a torn or foreign file fails in many ways inside the unpickler / zip reader
         kind = _foreign_zip(path)
@@ -74,6 +76,7 @@ def load_checkpoint_file(path: str | os.PathLike, weights: bool = True) -> dict:
                 f"{path} is not a PyTorch checkpoint ({kind}); give a .pth file written by torch.save"
             ) from e
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's reason, not its speculation
+        first = first or ("the file ends early" if isinstance(e, EOFError) else "no reason given")
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
     if not isinstance(checkpoint, dict):
         raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
@@ -91,12 +94,10 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save befor
 
 def _not_torch_kind(head: bytes) -> str | None:
     """What a file whose first bytes are ``head`` looks like when torch.save did not write it, else None."""
-    if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_MAGIC):
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a pickle (its legacy format): torch decides
         return None
     if not head:
         return "it is empty"
-    if head.startswith(b"\x80"):
-        return "it looks like a Python pickle that torch.save did not write"
     if head.startswith(b"\x93NUMPY"):
         return "it looks like a NumPy .npy array"
     if head.startswith(b"\x89HDF"):
@@ -113,17 +114,6 @@ def _not_torch_kind(head: bytes) -> str | None:
     except UnicodeDecodeError:
         return "it is binary data of another format"
     return "it looks like JSON text" if text.lstrip().startswith(("{", "[")) else "it looks like text"
-
-
-def _torch_name_cut_short(name: str) -> bool:
-    """A ``torch.`` name that torch does not have: the name of a truncated file, cut where the file ends."""
-    if not name.startswith("torch."):
-        return False
-    try:
-        pkgutil.resolve_name(name)  # torch's own modules only: never a module named by the file
-    except (ImportError, AttributeError, ValueError):
-        return True
-    return False
 
 
 def _unpickler_reason(e: Exception) -> str:
@@ -292,6 +282,16 @@ def _weights_of(checkpoint: dict) -> dict:
 def state_dict_of(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint: under ``model``, ``state_dict`` or at top level; ``module.`` stripped."""
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in _weights_of(checkpoint).items()}
+
+
+def head_size(path: str) -> int | None:
+    """The outputs of a checkpoint's classifier head (fine-tuned: ``head.weight``; linear probe: ``head.1.weight``),
+    or None for a checkpoint without one (pretraining)."""
+    state = state_dict_of(load_checkpoint_file(path))
+    for key in ("head.weight", "head.1.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
 
 
 def _mismatch_summary(model: nn.Module, state_dict: dict, ignore_missing=(), ignore_unexpected=()) -> str:

@@ -38,6 +38,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from util.checkpoint import head_size
 from util.cli import input_size_value
 from util.crop import RandomResizedCrop, crop_ratio
 from util.device_decode import EncodedImage, collate_encoded
@@ -601,29 +602,39 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> datasets.ImageFol
     return image_folder(os.path.join(args.data_path, "train" if is_train else "val"), transform, in_chans)
 
 
-def resolve_num_classes(nb_classes: int | None, dataset, *others) -> int:
-    """The classifier head's size: ``--nb_classes``, or when it is not given, the class count of ``dataset`` (the
-    training set; the validation set with ``--eval``). The labels of ``dataset`` and ``others`` must fit the head
-    (a one-line error); a head larger than every folder's class count is allowed, as official (e.g. an ImageNet-1k
-    head on a subset), with a warning."""
-    counts = {getattr(d, "root", "the dataset"): len(d.classes) for d in (dataset, *others) if getattr(d, "classes", 0)}
-    source = f"--nb_classes is {nb_classes}"
+def resolve_num_classes(args: argparse.Namespace, dataset_train, dataset_val) -> int:
+    """The classifier head's size: ``--nb_classes``; when it is not given, the head of the ``--resume`` checkpoint
+    (a run resumed or evaluated keeps its head), else the class count of the training set (with ``--eval``, of the
+    validation set), logged. The labels of the sets the run reads must fit the head (a one-line error); a head
+    larger than their class counts is allowed, as official (e.g. an ImageNet-1k head on a subset), with a warning."""
+    sets = [dataset_val] if args.eval else [dataset_train, dataset_val]
+    counts = [
+        (getattr(d, "root", None) or f"the {name} set", len(d.classes))
+        for d, name in zip(sets, ["validation"] if args.eval else ["training", "validation"], strict=True)
+        if getattr(d, "classes", None)
+    ]
+    nb_classes, source = args.nb_classes, f"--nb_classes is {args.nb_classes}"
+    if nb_classes is None and args.resume:
+        nb_classes = head_size(args.resume)
+        source = f"the head of --resume {args.resume} has {nb_classes} outputs"
+        if nb_classes is not None:
+            logger.info("--nb_classes %d: the head of --resume %s", nb_classes, args.resume)
     if nb_classes is None:
-        if not getattr(dataset, "classes", None):
-            raise UsageError("the training images have no class list to count: pass --nb_classes")
-        nb_classes = len(dataset.classes)
-        source = f"{dataset.root} has {nb_classes} (the default --nb_classes)"
-        logger.info("--nb_classes %d: the class count of %s", nb_classes, dataset.root)
-    for root, count in counts.items():
+        if not getattr(sets[0], "classes", None):
+            raise UsageError("the labelled images have no class list to count: pass --nb_classes")
+        root, nb_classes = counts[0]
+        source = f"{root} has {nb_classes} (the default --nb_classes)"
+        logger.info("--nb_classes %d: the class count of %s", nb_classes, root)
+    for root, count in counts:
         if count > nb_classes:
             raise UsageError(f"{root} has {count} classes but {source}; set --nb_classes {count}")
-    largest = max(counts.values(), default=nb_classes)
+    largest = max((count for _, count in counts), default=nb_classes)
     if largest < nb_classes:
         logger.warning(
             "--nb_classes %d is more than the %d classes of %s: %d outputs of the head have no images",
             nb_classes,
             largest,
-            " and ".join(counts),
+            " and ".join(root for root, _ in counts),
             nb_classes - largest,
         )
     return nb_classes

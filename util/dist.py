@@ -156,7 +156,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local_rank = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", slurm_master_addr(env))
+        if "MASTER_ADDR" not in env:  # the node list is read only when needed
+            env["MASTER_ADDR"] = slurm_master_addr(env)
         env.setdefault("MASTER_PORT", str(getattr(args, "port", 29500)))
         for k, v in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
             env[k] = str(v)
