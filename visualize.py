@@ -37,13 +37,7 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
-from util.reconstruction import (  # noqa: F401  GAP, TITLE_HEIGHT, panel_size: the panels' layout, for callers
-    GAP,
-    TITLE_HEIGHT,
-    panel_size,
-    reconstruction_panels,
-    stack,
-)
+from util.reconstruction import reconstruction_panels, stack
 
 logger = logging.getLogger(__name__)
 

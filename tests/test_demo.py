@@ -11,6 +11,7 @@ from PIL import Image
 
 import demo
 import visualize
+from util import reconstruction
 from util.fashion_mnist import DEFAULT_DATA_PATH, FILES, FashionMNISTImages, prepare_root
 
 HAVE_DATA = all((Path(DEFAULT_DATA_PATH) / f"{name}.gz").is_file() for name in FILES)
@@ -132,5 +133,5 @@ def test_fast_demo_pretraining_beats_random_init(tmp_path):
     assert len(log) == args.linprobe_epochs
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     for i in range(2):
-        assert Image.open(out / f"reconstruction_{i}.png").size == visualize.panel_size(32, 32, 4)
-    assert Image.open(out / "reconstructions.png").size[1] == 2 * visualize.panel_size(32, 32, 4)[1]
+        assert Image.open(out / f"reconstruction_{i}.png").size == reconstruction.panel_size(32, 32, 4)
+    assert Image.open(out / "reconstructions.png").size[1] == 2 * reconstruction.panel_size(32, 32, 4)[1]

@@ -22,6 +22,7 @@ import main_knn
 import main_linprobe
 import main_pretrain
 from model_table import build_classifier, build_pretrain_model
+from util import reconstruction
 from util.checkpoint import load_pretrained
 from util.data_stats import estimate_data_stats
 from util.datasets import (
@@ -563,8 +564,8 @@ def test_visualize_a_one_channel_checkpoint_with_its_statistics(tmp_path: Path) 
     )
     (first, _) = visualize.main(args)
     panel = np.asarray(Image.open(first).convert("L"))
-    top = visualize.TITLE_HEIGHT + visualize.GAP
-    original = panel[top : top + 32, visualize.GAP : visualize.GAP + 32]
+    top = reconstruction.TITLE_HEIGHT + reconstruction.GAP
+    original = panel[top : top + 32, reconstruction.GAP : reconstruction.GAP + 32]
     assert np.abs(original.astype(int) - np.asarray(Image.open(path)).astype(int)).max() <= 1
 
 

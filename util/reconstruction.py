@@ -19,18 +19,21 @@ import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.tensorboard import SummaryWriter
 
 from util.datasets import BadImage, ImageFiles, normalize_on_device
 from util.errors import UsageError
 from util.families import family_of_module, unwrap
 from util.fashion_mnist import denormalize
 from util.seeding import seeded_rng
+
+if TYPE_CHECKING:  # TensorBoard is imported by the scripts that write to it
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +222,7 @@ class ReconstructionLog:
         self.images, self.mask_ratio, self.seed, self.stats = images, mask_ratio, seed, stats
         self.folder = Path(output_dir) / "reconstructions" if output_dir else None
 
-    def __call__(self, model: nn.Module, epoch: int, log_writer: SummaryWriter | None = None) -> Image.Image:
+    def __call__(self, model: nn.Module, epoch: int, log_writer: "SummaryWriter | None" = None) -> Image.Image:
         """Draw the picture for ``model`` (DDP or compiled too: the module inside runs, eagerly) after ``epoch``;
         returns it."""
         model = unwrap(model)
