@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from util.masking import check_mask_type, mask_noise
 from util.pos_embed import get_2d_sincos_pos_embed
 
 # timm.create_model passes these to every factory; our models have no pretrained configs to apply.
@@ -45,7 +46,12 @@ def init_weights_xavier(m: nn.Module) -> None:
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """Masked Autoencoder with a VisionTransformer backbone (He et al., 2021)."""
+    """Masked Autoencoder with a VisionTransformer backbone (He et al., 2021).
+
+    ``mask_type``: how the masks are sampled (the paper's Table 1f; ``util/masking.py``): ``random`` (the official
+    default), ``block`` (BEiT's block-wise) or ``grid`` (keep one patch of every 2x2; mask ratio 0.75). Checked at
+    forward, where the mask ratio is known.
+    """
 
     def __init__(
         self,
@@ -61,9 +67,11 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
+        mask_type: str = "random",
     ):
         super().__init__()
         self.in_chans = in_chans
+        self.mask_type = mask_type
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -168,15 +176,20 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(
         self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, C, H, W) images -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
+        """(N, C, H, W) images -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L). Without ``noise``, the
+        noise of ``self.mask_type`` (random: ``torch.rand``, drawn where the official code draws it)."""
         expected = self.patch_embed.img_size
         if tuple(x.shape[-2:]) != tuple(expected):
             raise ValueError(
                 f"input images are {tuple(x.shape[-2:])} but the model was built for {tuple(expected)}; "
                 "build it with img_size=... to match --input_size"
             )
+        grid_size = tuple(self.patch_embed.grid_size)  # (H / p, W / p)
+        check_mask_type(self.mask_type, mask_ratio, grid_size)
         x = self.patch_embed(x)  # (N, L, D)
         x = x + self.pos_embed[:, 1:, :]
+        if noise is None:
+            noise = mask_noise(self.mask_type, x.shape[0], grid_size, mask_ratio, x.device)  # (N, L)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (N, K, D)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]

@@ -7,6 +7,9 @@ official ones that hold the decoder (``mae_visualize_vit_*.pth``; MixMIM pretrai
     python visualize.py --checkpoint output_demo/pretrain/checkpoint-last.pth          # Fashion-MNIST test images
     python visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 --images fox.jpg
 
+``--mask_type`` (random, block, grid; default: the checkpoint's, else random) picks how an MAE's masks are sampled,
+so each strategy of the paper's Table 1f can be shown; MixMIM masks at random.
+
 Images of another channel count than 3 (``--in_chans`` of the checkpoint's run) are normalised with the checkpoint's
 ``data_stats`` (or ``--mean`` / ``--std``) and shown as grey-scale, their first channel.
 
@@ -24,7 +27,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from model_table import build_pretrain_model, family_defaults, family_of, resolve_pretrain_name
+from model_table import build_pretrain_model, family_defaults, family_of, pretrain_overrides, resolve_pretrain_name
 from util.checkpoint import load_checkpoint_file, load_model_strict, saved_args, state_dict_of
 from util.cli import input_size_value
 from util.datasets import load_tensor
@@ -37,6 +40,7 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
+from util.masking import MASK_TYPES
 from util.reconstruction import reconstruction_panels, stack
 
 logger = logging.getLogger(__name__)
@@ -83,12 +87,13 @@ def load_pretrain_checkpoint(
     input_size: int | Sequence[int] | None = None,
     norm_pix_loss: bool | None = None,
     device: torch.device | str = "cpu",
+    mask_type: str | None = None,
 ) -> nn.Module:
     """A pretraining model with the weights of ``path`` (ours, or official: a dict with ``model``), loaded strictly,
     built for ``device`` (which picks MixMIM's attention path; the model stays on the CPU).
 
-    The model name, input size and norm_pix_loss come from the arguments, else from the checkpoint (ours record
-    them), else the model's defaults; official checkpoints need ``model_name``.
+    The model name, input size, norm_pix_loss and MAE's mask_type come from the arguments, else from the checkpoint
+    (ours record them), else the model's defaults; official checkpoints need ``model_name``.
     """
     checkpoint = load_checkpoint_file(path)
     saved = saved_args(checkpoint)
@@ -101,6 +106,12 @@ def load_pretrain_checkpoint(
     if npl is not None:
         kwargs["norm_pix_loss"] = bool(npl)
     kwargs["in_chans"] = int(saved.get("in_chans") or 3)
+    kwargs.update(pretrain_overrides(saved))  # the MAE ablations it was trained with (decoder, mask type)
+    mask_type = mask_type or saved.get("mask_type") or "random"
+    if family_of(model_name) == "mae":
+        kwargs["mask_type"] = mask_type
+    elif mask_type != "random":
+        raise UsageError(f"--mask_type {mask_type} is for MAE models; MixMIM masks at random")
     size = input_size or saved.get("input_size")
     if size is None:  # the model's own default size
         import timm
@@ -110,8 +121,8 @@ def load_pretrain_checkpoint(
     model = build_pretrain_model(model_name, size, torch.device(device), **kwargs)
     load_model_strict(model, state_dict_of(checkpoint), path)
     model.data_stats = checkpoint.get("data_stats")  # the statistics it was trained with (ours), or None
-    logger.info("loaded %s (%s, %s, %d channels, norm_pix_loss=%s)", path, model_name, size, kwargs["in_chans"],
-                model.norm_pix_loss)  # fmt: skip
+    logger.info("loaded %s (%s, %s, %d channels, norm_pix_loss=%s, mask_type=%s)", path, model_name, size,
+                kwargs["in_chans"], model.norm_pix_loss, mask_type)  # fmt: skip
     return model
 
 
@@ -193,6 +204,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="folder with the Fashion-MNIST files")
     parser.add_argument("--mask_ratio", default=None, type=float, help="default: 0.75 (MAE), 0.5 (MixMIM)")
     parser.add_argument("--seed", default=2, type=int, help="seed for the masks (the notebook's: 2)")
+    parser.add_argument("--mask_type", default=None, choices=MASK_TYPES, help="how MAE's masks are sampled (grid: "
+                        "mask ratio 0.75); default: the checkpoint's, else random")  # fmt: skip
     parser.add_argument("--scale", default=None, type=int, help="upscaling of the panels (default: to ~128 px)")
     parser.add_argument("--output_dir", default="./output_dir/visualize")
     parser.add_argument("--device", default="cpu")
@@ -203,7 +216,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[Path]:
-    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, args.device)
+    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, args.device,
+                                     args.mask_type)  # fmt: skip
     size = tuple(model.patch_embed.img_size)  # (H, W)
     in_chans = model.patch_embed.proj.weight.shape[1]
     stats = model_stats(model, args.mean, args.std)

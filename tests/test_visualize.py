@@ -9,7 +9,7 @@ from PIL import Image
 import models_mae
 import models_mixmim
 import visualize
-from util import reconstruction
+from util import masking, reconstruction
 
 
 def _write_images(folder, n: int, size: int = 40) -> list[str]:
@@ -157,3 +157,55 @@ def test_same_seed_same_picture(tmp_path):
     c = visualize.save_reconstructions(model, imgs, tmp_path / "c", seed=4)
     assert Image.open(a[0]).tobytes() == Image.open(b[0]).tobytes()
     assert Image.open(a[0]).tobytes() != Image.open(c[0]).tobytes()
+
+
+def _masked_tile_hidden(path, side: int = 32, scale: int = 4) -> np.ndarray:
+    """The (side / 4, side / 4) patches of the masked panel (the second tile) that show the mean colour (zero after
+    normalisation: hidden), checking that the others show the original (the first tile)."""
+    picture = np.asarray(Image.open(path)).astype(int)
+    top, n = reconstruction.TITLE_HEIGHT + reconstruction.GAP, side * scale
+    original, masked = (
+        picture[top : top + n, reconstruction.GAP + i * (n + reconstruction.GAP) :][:, :n] for i in (0, 1)
+    )
+    grey = np.all(masked == np.round(np.array([0.485, 0.456, 0.406]) * 255), axis=-1)  # (n, n)
+    cell = 4 * scale  # a 4x4 patch, upscaled
+    hidden = grey.reshape(side // 4, cell, side // 4, cell).all(axis=(1, 3))
+    visible = ~hidden.repeat(cell, 0).repeat(cell, 1)
+    assert np.array_equal(masked[visible], original[visible])
+    return hidden
+
+
+@pytest.mark.parametrize("how", ["flag", "checkpoint"])
+def test_mask_type_grid_shows_the_grid(tmp_path, how):
+    """--mask_type grid (or a checkpoint whose run recorded it) hides all but the top-left patch of every 2x2; the
+    flag overrides the checkpoint's choice."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4()
+    recorded = {"input_size": 32, "mask_type": "grid"} if how == "checkpoint" else {"input_size": 32}
+    checkpoint = {"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4", "args": recorded}
+    images = _write_images(tmp_path, 2)
+    paths = _run(tmp_path, checkpoint, images, *(["--mask_type", "grid"] if how == "flag" else []))
+    expected = np.ones((8, 8), dtype=bool)
+    expected[::2, ::2] = False
+    for p in paths:
+        assert np.array_equal(_masked_tile_hidden(p), expected)
+    paths = _run(tmp_path, checkpoint, images, "--mask_type", "random")
+    hidden = _masked_tile_hidden(paths[0])
+    assert hidden.sum() == 48 and not np.array_equal(hidden, expected)
+
+
+def test_mask_type_block_shows_the_seeded_block_masks_and_mixmim_refuses_other_types(tmp_path):
+    """A checkpoint whose run recorded --mask_type block shows block masks: those util/masking.py draws from a
+    generator seeded with --seed (2)."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4()
+    checkpoint = {"model": model.state_dict(), "model_name": "mae_vit_tiny_patch4", "args": {"mask_type": "block"}}
+    paths = _run(tmp_path, checkpoint, _write_images(tmp_path, 2))
+    noise = masking.mask_noise("block", 2, (8, 8), 0.75, generator=torch.Generator().manual_seed(2))
+    expected = torch.ones(2, 64, dtype=torch.bool).scatter_(1, noise.argsort(1)[:, :16], False).view(2, 8, 8)
+    for p, hidden in zip(paths, expected, strict=True):
+        assert np.array_equal(_masked_tile_hidden(p), hidden.numpy())
+    mixmim = models_mixmim.mixmim_tiny()
+    with pytest.raises(visualize.UsageError, match="--mask_type grid is for MAE models; MixMIM masks at random"):
+        _run(tmp_path, {"model": mixmim.state_dict()}, _write_images(tmp_path, 2), "--model", "mixmim_tiny",
+             "--mask_type", "grid")  # fmt: skip

@@ -3,12 +3,13 @@ four panels, original | masked input (MixMIM: the mixed input) | reconstruction 
 patches pasted in. ``visualize.py`` draws them for a checkpoint; ``main_pretrain.py --vis_freq`` for fixed training
 images during the run (``ReconstructionLog``).
 
-MAE masks each image on its own; masked patches are shown grey (zero after normalisation), as in the notebook.
-MixMIM masks with one mask per batch and fills each image's masked cells with those of its partner (the batch in
-reverse order), so it needs at least two images; the reconstruction puts each cell's prediction back in place, from
-whichever of the two decoder rows had that cell hidden. For models trained with ``norm_pix_loss`` the predictions are
-per-patch normalised pixels; they are shown with the mean and variance of the original patch, as the target was
-normalised (so a patch's brightness comes from the original; its content from the model).
+MAE masks each image on its own, the model's ``mask_type`` way (random, block or grid); masked patches are shown
+grey (zero after normalisation), as in the notebook. MixMIM masks with one mask per batch and fills each image's
+masked cells with those of its partner (the batch in reverse order), so it needs at least two images; the
+reconstruction puts each cell's prediction back in place, from whichever of the two decoder rows had that cell
+hidden. For models trained with ``norm_pix_loss`` the predictions are per-patch normalised pixels; they are shown
+with the mean and variance of the original patch, as the target was normalised (so a patch's brightness comes from
+the original; its content from the model).
 
 The masks come from a seed, not from the global RNGs: the same seed gives the same masks, and the training's random
 draws are left alone. Only methods of the model object are called (``patchify``, ``unpatchify``, MixMIM's
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
+from util import masking
 from util.datasets import BadImage, ImageFiles, normalize_on_device
 from util.errors import UsageError
 from util.families import family_of_module, unwrap
@@ -55,14 +57,19 @@ def denorm_patches(model: nn.Module, imgs: torch.Tensor, pred: torch.Tensor) -> 
     return pred * (var + 1.0e-6) ** 0.5 + mean
 
 
-def mask_noise(model: nn.Module, imgs: torch.Tensor, seed: int) -> torch.Tensor:
-    """The uniform noise the model masks by: MAE (N, L), a row per image; MixMIM (1, Lo), one mask for the batch.
+def mask_noise(model: nn.Module, imgs: torch.Tensor, seed: int, mask_ratio: float) -> torch.Tensor:
+    """The noise the model masks by: MAE (N, L), a row per image, of the model's ``mask_type`` (``util/masking.py``);
+    MixMIM (1, Lo), uniform, one mask for the batch.
 
-    Drawn on the CPU from a generator seeded with ``seed``: the numbers ``torch.manual_seed(seed)`` then the model's
-    own draw give on the CPU (the notebook's), without touching torch's global RNG."""
-    cells = model.patchify(imgs).shape[1]  # patches (MAE) or output-grid cells (MixMIM)
-    rows = 1 if family_of_module(model) == "mixmim" else imgs.shape[0]
-    return torch.rand(rows, cells, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    Drawn on the CPU from a generator seeded with ``seed``: for random masks, the numbers ``torch.manual_seed(seed)``
+    then the model's own draw give on the CPU (the notebook's), without touching torch's global RNG."""
+    generator = torch.Generator().manual_seed(seed)
+    if family_of_module(model) == "mixmim":
+        cells = model.patchify(imgs).shape[1]  # output-grid cells
+        return torch.rand(1, cells, generator=generator).to(imgs.device)
+    grid = tuple(model.patch_embed.grid_size)  # (H / p, W / p)
+    mask_type = getattr(model, "mask_type", "random")
+    return masking.mask_noise(mask_type, imgs.shape[0], grid, mask_ratio, imgs.device, generator)
 
 
 @torch.no_grad()
@@ -72,13 +79,13 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, seed: i
 
     Keys: ``original``, ``masked`` (MAE: masked patches zeroed; MixMIM: the mixed input), ``reconstruction``,
     ``pasted`` (the visible patches of the original, the reconstruction elsewhere) and ``mask`` (N, 1, H, W),
-    1 where the image was hidden from the encoder. The masks come from ``seed`` (``mask_noise``; MixMIM's
-    mask-ratio jitter from Python ``random`` seeded with it, its state given back after).
+    1 where the image was hidden from the encoder. The masks, of the model's ``mask_type``, come from ``seed``
+    (``mask_noise``; MixMIM's mask-ratio jitter from Python ``random`` seeded with it, its state given back after).
     """
     mixmim = family_of_module(model) == "mixmim"
     if mixmim and imgs.shape[0] < 2:
         raise ValueError("MixMIM mixes each image with another of the batch: give at least 2 images")
-    noise = mask_noise(model, imgs, seed)
+    noise = mask_noise(model, imgs, seed, mask_ratio)
     was_training, py_state = model.training, random.getstate()
     model.eval()
     try:
