@@ -15,23 +15,34 @@ from torch.utils.data import Dataset
 
 from engine_pretrain import fit
 from model_table import (
+    DECODER_ARGS,
     build_classifier,
     build_pretrain_model,
     check_buildable,
     compile_model,
     family_defaults,
     family_of,
+    mae_decoder,
+    pretrain_overrides,
     resolve_pretrain_name,
 )
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
 from util.checkpoint import load_pretrained, load_resume
 from util.cli import add_input_size_arg, add_runtime_args, resolve_input_size, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args, resolve_data_stats
-from util.datasets import eval_transform, image_folder, pretrain_dataset, pretrain_transform, train_loader
+from util.datasets import (
+    PRETRAIN_AUGS,
+    eval_transform,
+    image_folder,
+    pretrain_dataset,
+    pretrain_transform,
+    train_loader,
+)
 from util.device_decode import DeviceCrop, read_encoded
 from util.dist import is_main_process, wrap_ddp
 from util.errors import UsageError
 from util.knn import PretrainingKNN
+from util.masking import MASK_TYPES, check_mask_type
 from util.optim import pretrain_optimizer, scaled_lr
 from util.reconstruction import FIXED_IMAGES, ReconstructionLog, fixed_images
 from util.run import open_outputs, start_run
@@ -145,6 +156,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         f"the reconstructions of the first {FIXED_IMAGES} training images (evaluation transform, the same masks each "
         "time) in TensorBoard (reconstructions) and output_dir/reconstructions/epoch_{epoch}.png; 0: off")  # fmt: skip
 
+    ablation = parser.add_argument_group("MAE ablations (the MAE paper's Table 1; not in the official scripts)")
+    ablation.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (Table 1a; default: the "
+                          "model's own, 8 for B / L / H)")  # fmt: skip
+    ablation.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (Table 1b; default: the "
+                          "model's own, 512 for B / L / H)")  # fmt: skip
+    ablation.add_argument("--decoder_num_heads", default=None, type=int, help="decoder attention heads, dividing its "
+                          "width (default: the model's own, 16 for B / L / H)")  # fmt: skip
+    ablation.add_argument("--mask_type", default="random", choices=MASK_TYPES, help="mask "
+                          "sampling (Table 1f): random patches (official), blocks, or a regular grid (--mask_ratio "
+                          "0.75)")  # fmt: skip
+    ablation.add_argument("--pretrain_aug", default="crop", choices=PRETRAIN_AUGS, help="augmentation (Table 1e): "
+                          "none (center crop, no flip), crop_fixed (fixed-size random crop, flip), crop (random-size "
+                          "crop, flip: official), crop_color (crop, flip and colour jittering)")  # fmt: skip
+
     parser.add_argument_group("data loading (not in the official scripts)").add_argument(
         "--decode_on_device", action="store_true", help="decode the JPEGs, crop, resize and flip on the device "
         "(nvJPEG on CUDA): the loader workers only read the files and draw the augmentation (3 channels)")  # fmt: skip
@@ -186,7 +211,36 @@ def validate_args(args: argparse.Namespace) -> None:
     check_data_args(args)
     if args.decode_on_device and args.in_chans != 3:
         raise UsageError(f"--decode_on_device decodes RGB JPEGs: it needs --in_chans 3, got {args.in_chans}")
-    check_buildable(args.model_name, args.input_size, args.in_chans)
+    check_ablation_args(args)
+    model = check_buildable(args.model_name, args.input_size, args.in_chans, **pretrain_overrides(vars(args)))
+    if args.mask_type != "random":  # MAE (MixMIM refused above): the mask ratio and patch grid it needs
+        try:
+            check_mask_type(args.mask_type, args.mask_ratio, tuple(model.patch_embed.grid_size))
+        except ValueError as e:
+            raise UsageError(f"--mask_type {args.mask_type}: {e}") from e
+
+
+def check_ablation_args(args: argparse.Namespace) -> None:
+    """One-line errors for the MAE ablation flags (--decoder_*, --mask_type, --pretrain_aug) before the model is
+    built (the masks' needs are checked on it, in ``validate_args``)."""
+    overrides = pretrain_overrides(vars(args))
+    if overrides and family_of(args.model_name) == "mixmim":
+        flags = " ".join(f"--{k} {v}" for k, v in overrides.items())
+        raise UsageError(f"{flags}: MAE ablations, for mae_vit_* models; --model {args.model_name} is MixMIM")
+    decoder = {k: overrides[k] for k in DECODER_ARGS if k in overrides}
+    too_small = [f"--{k} {v}" for k, v in decoder.items() if v < 1]
+    if too_small:
+        raise UsageError(f"{', '.join(too_small)}: the decoder's depth, width and heads must be at least 1")
+    if decoder:
+        d = {**mae_decoder(args.model_name), **decoder}
+        if d["decoder_embed_dim"] % d["decoder_num_heads"]:
+            raise UsageError(f"--decoder_embed_dim {d['decoder_embed_dim']} is not divisible by --decoder_num_heads "
+                             f"{d['decoder_num_heads']} (unset ones: {args.model_name}'s own)")  # fmt: skip
+    if args.pretrain_aug == "crop_color" and args.in_chans != 3:
+        raise UsageError(f"--pretrain_aug crop_color jitters RGB colours: it needs --in_chans 3, got {args.in_chans}")
+    if args.decode_on_device and args.pretrain_aug != "crop":
+        raise UsageError(f"--decode_on_device draws the official crop only (--pretrain_aug crop), got --pretrain_aug "
+                         f"{args.pretrain_aug}")  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -209,15 +263,25 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None) -> dict
         if args.decode_on_device:  # the same draws; decoding and resizing move to the engine's samples.to(device)
             dataset_train.loader, dataset_train.transform = read_encoded, DeviceCrop(args.input_size)
         else:
-            dataset_train.transform = pretrain_transform(args.input_size, False, args.in_chans, args.mean, args.std)
+            dataset_train.transform = pretrain_transform(
+                args.input_size, False, args.in_chans, args.mean, args.std, aug=args.pretrain_aug
+            )
     elif args.decode_on_device:
         raise UsageError("--decode_on_device reads --data_path's files: it does not apply to a dataset passed in")
+    elif args.pretrain_aug != "crop":
+        raise UsageError(f"--pretrain_aug {args.pretrain_aug} augments --data_path's files: it does not apply to a "
+                         "dataset passed in (which brings its own transform)")  # fmt: skip
     else:
         args.mean, args.std = resolve_data_stats(args, dataset_train if hasattr(dataset_train, "raw") else None)
     data_loader_train = train_loader(dataset_train, args, device)
 
     model = build_pretrain_model(
-        args.model_name, args.input_size, device, norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans
+        args.model_name,
+        args.input_size,
+        device,
+        norm_pix_loss=args.norm_pix_loss,
+        in_chans=args.in_chans,
+        **pretrain_overrides(vars(args)),  # the MAE ablations, when asked for
     )
     if args.finetune:
         load_pretrained(model, args.finetune, classifier=False)

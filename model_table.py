@@ -200,12 +200,41 @@ def is_pretrain_name(name: str) -> bool:
     return arch is not None and name in (arch.pretrain, *arch.official_names) and name != arch.classifier
 
 
-def check_buildable(name: str, input_size: int | tuple[int, int], in_chans: int = 3) -> None:
+def check_buildable(name: str, input_size: int | tuple[int, int], in_chans: int = 3, **kwargs) -> nn.Module:
     """Build ``name`` for ``input_size`` on the meta device (no memory, no init cost), so that an input size the
-    model cannot take fails before any work is done."""
+    model cannot take fails before any work is done; returns that model (shapes only). ``kwargs``: more keywords for
+    the factory."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _create(name, input_size, in_chans=in_chans)
+        return _create(name, input_size, in_chans=in_chans, **kwargs)
+
+
+DECODER_ARGS = ("decoder_depth", "decoder_embed_dim", "decoder_num_heads")  # an MAE factory's decoder keywords
+
+
+def mae_decoder(name: str) -> dict[str, int]:
+    """An MAE's own decoder, as its factory builds it: ``{"decoder_depth", "decoder_embed_dim",
+    "decoder_num_heads"}`` (8 blocks of 512 wide with 16 heads for B / L / H), read from a model on the meta device."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _create(resolve_pretrain_name(name), default_input_size(name))
+    block = model.decoder_blocks[0]
+    return dict(
+        decoder_depth=len(model.decoder_blocks),
+        decoder_embed_dim=model.decoder_embed.out_features,
+        decoder_num_heads=block.attn.num_heads,
+    )
+
+
+def pretrain_overrides(args: dict) -> dict:
+    """The factory keywords that a pretraining run's arguments (``vars(args)``, or a checkpoint's ``saved_args``)
+    ask for beyond the named model's own: main_pretrain.py's MAE ablations, ``--decoder_*`` when given and
+    ``--mask_type`` when not ``random``. main_pretrain.py builds with them, so a checkpoint's model is rebuilt from
+    its name, input size and these; {} for the defaults (and for checkpoints that do not record them)."""
+    kwargs = {k: int(args[k]) for k in DECODER_ARGS if args.get(k) is not None}
+    if args.get("mask_type") not in (None, "random"):
+        kwargs["mask_type"] = str(args["mask_type"])
+    return kwargs
 
 
 def build_pretrain_model(

@@ -413,31 +413,61 @@ def pretrain_dataset(data_path: str, transform, in_chans: int = 3, skip_bad: boo
     return dataset
 
 
+PRETRAIN_AUGS = ("none", "crop_fixed", "crop", "crop_color")  # --pretrain_aug: the MAE paper's Table 1e, in order
+FIXED_CROP_PCT = 224 / 256  # crop_fixed: the crop's side over the resized image's, the evaluation's center crop
+
+
 def pretrain_transform(
     input_size: int | Sequence[int],
     normalize: bool = True,
     in_chans: int = 3,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    aug: str = "crop",
 ) -> transforms.Compose:
     """MAE/MixMIM pretraining: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, normalisation by
     ``mean`` / ``std``. ``input_size``: a side, or (H, W).
+
+    ``aug`` picks the augmentation of the MAE paper's Table 1e (before the normalisation): ``"crop"`` the above
+    ("crop, rand size", the official one); ``"none"`` the image resized (bicubic) so that it covers the input size and
+    its center crop, no flip ("none": "only center-crop, no flipping"); ``"crop_fixed"`` the image resized to cover
+    the input size / 0.875 (256 for 224, as the evaluation's resize) and a random crop of the input size (77% of its
+    area) at a random place, and the flip ("crop, fixed size"); ``"crop_color"`` the crop and flip, then
+    ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4) ("crop + color jit"; the paper gives no values: these
+    are the usual ones of MoCo v2 / SimCLR, without hue), 3 channels only.
 
     With ``normalize=False`` (3 channels) the images stay uint8 (C, H, W): a quarter of the bytes to collate, pin
     and copy, and ``normalize_on_device`` finishes the job on the device with the same arithmetic. Other channel
     counts: the same steps on the float tensors of ``load_tensor``, normalised here.
     """
-    crop_flip = [
-        transforms.RandomResizedCrop(
-            input_size, scale=(0.2, 1.0), ratio=crop_ratio(input_size), interpolation=InterpolationMode.BICUBIC
-        ),
-        transforms.RandomHorizontalFlip(),
-    ]
+    if aug not in PRETRAIN_AUGS:
+        raise ValueError(f"unknown pretraining augmentation {aug!r}; choose one of {', '.join(PRETRAIN_AUGS)}")
+    if aug == "crop_color" and in_chans != 3:
+        raise ValueError(f"colour jittering needs 3 channels, got {in_chans}")
+    size = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
+    if aug == "none":
+        steps = [ResizeToCover(size, InterpolationMode.BICUBIC), transforms.CenterCrop(size)]
+    elif aug == "crop_fixed":
+        cover = (int(size[0] / FIXED_CROP_PCT), int(size[1] / FIXED_CROP_PCT))
+        steps = [
+            ResizeToCover(cover, InterpolationMode.BICUBIC),
+            transforms.RandomCrop(size),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        steps = [
+            transforms.RandomResizedCrop(
+                input_size, scale=(0.2, 1.0), ratio=crop_ratio(input_size), interpolation=InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+        ]
+        if aug == "crop_color":
+            steps.append(transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
     if in_chans != 3:
-        return transforms.Compose([*crop_flip, transforms.Normalize(mean=mean, std=std)])
+        return transforms.Compose([*steps, transforms.Normalize(mean=mean, std=std)])
     if not normalize:
-        return transforms.Compose([*crop_flip, transforms.PILToTensor()])
-    return transforms.Compose([*crop_flip, transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
+        return transforms.Compose([*steps, transforms.PILToTensor()])
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
 
 
 def normalize_on_device(
