@@ -39,8 +39,12 @@ def get_layer_id_for_mixmim(name: str, num_layers: list[int]) -> int:
     return sum(num_layers)
 
 
-def _layer_id_fn(model: nn.Module) -> tuple[int, Callable[[str], int]]:
-    """(number of layers, name -> layer id) for a ViT (``model.blocks``) or a MixMIM encoder (``model.layers``)."""
+def layer_id_fn(model: nn.Module) -> tuple[int, Callable[[str], int]]:
+    """(number of layers, name -> layer id) for a ViT (``model.blocks``) or a MixMIM encoder (``model.layers``).
+
+    The number of layers is the number of transformer blocks + 1; block i (counted across MixMIM's stages) has id
+    i + 1.
+    """
     if family_of_module(model) == "mae":
         num_layers = len(model.blocks) + 1
         return num_layers, lambda n: get_layer_id_for_vit(n, num_layers)
@@ -59,7 +63,7 @@ def param_groups_lrd(
     Groups are named ``layer_{id}_{decay|no_decay}`` internally and returned in order of first appearance.
     """
     no_weight_decay_list = set(no_weight_decay_list)
-    num_layers, layer_id_of = _layer_id_fn(model)
+    num_layers, layer_id_of = layer_id_fn(model)
     layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
 
     param_groups: dict[str, dict] = {}
