@@ -82,17 +82,30 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    data_loader: Iterable, model: torch.nn.Module, device: torch.device, amp: str = "none", print_freq: int = 10
+    data_loader: Iterable,
+    model: torch.nn.Module,
+    device: torch.device,
+    amp: str = "none",
+    print_freq: int = 10,
+    class_subset: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over ``data_loader``, averaged over all processes."""
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over ``data_loader``, averaged over all processes.
+
+    ``class_subset``: sorted output indices (K,) to score on alone (ImageNet-A/R: their 200 classes); every target
+    must be one of them. The loss and the top-k are then those of the K logits.
+    """
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = MetricLogger()
     model.eval()
+    if class_subset is not None:
+        class_subset = class_subset.to(device)
     for images, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             output = model(images)
+            if class_subset is not None:  # a target's position in the sorted subset is its label among the K
+                output, target = output[:, class_subset], torch.searchsorted(class_subset, target)  # (B, K), (B,)
             loss = criterion(output, target)
         acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
         n = images.shape[0]

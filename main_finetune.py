@@ -8,6 +8,7 @@
 import argparse
 import logging
 
+import torch
 from torch.utils.data import Dataset
 
 from engine_finetune import evaluate, fit
@@ -26,8 +27,10 @@ from util.datasets import (
 )
 from util.dist import wrap_ddp
 from util.errors import UsageError
+from util.freeze import freeze_all_but_last_blocks
 from util.mixup import build_criterion, build_mixup
 from util.optim import finetune_optimizer, scaled_lr
+from util.robustness import EVAL_SETS, eval_set_parts, evaluate_eval_set
 from util.run import open_outputs, start_run
 
 logger = logging.getLogger(__name__)
@@ -143,6 +146,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         dest="global_pool",
         help="Use class token instead of global pool for classification (ViT)",
     )
+    parser.add_argument(
+        "--trainable_blocks",
+        default=None,
+        type=int,
+        metavar="K",
+        help="partial fine-tuning (MAE paper, Figure 9): train the last K transformer blocks, the final norm and "
+        "the head, freeze the rest (0: norm and head only; default: everything trains)",
+    )
 
     # Dataset parameters
     parser.add_argument(
@@ -165,6 +176,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true", help="Perform evaluation only")
+    parser.add_argument(
+        "--eval_set",
+        default=None,
+        choices=EVAL_SETS,
+        help="with --eval: the set to evaluate, --data_path its root (imagenet: data_path/val, as without the flag; "
+        "ImageNet-A/R are scored on their 200 classes, ImageNet-C per corruption and severity, with mCE); the "
+        "results also go to output_dir/eval_{set}.json and log.txt",
+    )
     parser.add_argument(
         "--dist_eval",
         action="store_true",
@@ -208,15 +227,24 @@ def check_args(args: argparse.Namespace) -> None:
             f"fine-tuned checkpoint pass --eval --resume {args.finetune}; a pretraining one has no trained head "
             f"(main_knn.py or main_linprobe.py evaluate its features)"
         )
+    if args.eval and args.trainable_blocks is not None:
+        raise UsageError("--trainable_blocks chooses what fine-tuning trains; --eval trains nothing")
+    if args.eval_set is not None and not args.eval:
+        raise UsageError(f"--eval_set {args.eval_set} chooses the set --eval evaluates: add --eval")
     validate_common_args(args)
     check_data_args(args)
     check_buildable(args.model_name, args.input_size, args.in_chans)
+    if args.trainable_blocks is not None:  # a K the model does not have fails before the data is read
+        with torch.device("meta"):
+            model = build_classifier(args.model_name, args.input_size, 1, 0.0)
+        freeze_all_but_last_blocks(model, args.trainable_blocks)
 
 
 def main(
     args: argparse.Namespace, dataset_train: Dataset | None = None, dataset_val: Dataset | None = None
 ) -> dict[str, float]:
-    """Fine-tune (or with ``--eval`` only evaluate); returns the last test stats (acc1, acc5, loss).
+    """Fine-tune (or with ``--eval`` only evaluate); returns the last test stats (acc1, acc5, loss); with
+    ``--eval_set``, the results of ``util.robustness.evaluate_eval_set``.
 
     ``dataset_train`` / ``dataset_val``: (image, label) datasets to use instead of the ImageFolders under
     ``--data_path`` (their images go to the model as they are: normalised float tensors).
@@ -228,8 +256,9 @@ def main(
     dataset_train, args.mean, args.std = train_folder_and_stats(
         args, dataset_train, lambda m, s: finetune_transform(args, m, s), build=not args.eval
     )
+    eval_parts = eval_set_parts(args) if args.eval_set else None  # {name: dataset} (util/robustness.py)
     if dataset_val is None:
-        dataset_val = build_dataset(is_train=False, args=args)
+        dataset_val = next(iter(eval_parts.values())) if eval_parts else build_dataset(is_train=False, args=args)
     args.nb_classes = resolve_num_classes(args, dataset_train, dataset_val)
     data_loader_val = val_loader(dataset_val, args, device)
     if not args.eval:
@@ -241,6 +270,8 @@ def main(
     )
     if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=2e-5)
+    if args.trainable_blocks is not None:  # before the optimizer and DDP, which then see the trainable ones only
+        freeze_all_but_last_blocks(model, args.trainable_blocks)
     model.to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -257,6 +288,14 @@ def main(
     logger.info("criterion = %s", criterion)
     position = load_resume(args, model_without_ddp, optimizer, loss_scaler)  # inside an epoch, or None
 
+    if args.eval and eval_parts:
+        return evaluate_eval_set(
+            args,
+            eval_parts,
+            lambda dataset, subset: evaluate(
+                val_loader(dataset, args, device), model, device, args.amp, args.print_freq, subset
+            ),
+        )
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args.amp, args.print_freq)
         logger.info("Accuracy of the network on the %d test images: %.1f%%", len(dataset_val), test_stats["acc1"])
