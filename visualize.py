@@ -40,7 +40,7 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
-from util.masking import MASK_TYPES
+from util.masking import MASK_TYPES, check_mask_type
 from util.reconstruction import reconstruction_panels, stack
 
 logger = logging.getLogger(__name__)
@@ -231,6 +231,11 @@ def main(args: argparse.Namespace) -> list[Path]:
             imgs = (pixels - mean) / std
     else:
         raise UsageError(f"the model takes {in_chans} channels: pass --images (files with {in_chans} channels)")
+    if getattr(model, "mask_type", "random") != "random":  # grid's ratio and grid sides: one line, not a traceback
+        try:
+            check_mask_type(model.mask_type, args.mask_ratio or 0.75, tuple(model.patch_embed.grid_size))
+        except ValueError as e:
+            raise UsageError(f"--mask_type {model.mask_type}: {e}") from None
     device = torch.device(args.device)
     model.to(device)
     return save_reconstructions(model, imgs.to(device), args.output_dir, args.mask_ratio, args.seed, args.scale,

@@ -245,3 +245,14 @@ def test_pretrain_aug_refused_for_a_dataset_passed_in(tmp_path: Path) -> None:
                  pretrain_aug="none"))  # fmt: skip
     with pytest.raises(UsageError, match="--pretrain_aug none augments --data_path's files"):
         main_pretrain.main(args, [(torch.zeros(3, 32, 32, dtype=torch.uint8), 0)])
+
+
+def test_resume_with_another_mask_type_is_refused(tmp_path: Path) -> None:
+    """The weights of a grid run fit a random-mask model: --resume must say so instead of training on silently."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run(data, tmp_path / "a", mask_type="grid")
+    ckpt = tmp_path / "a" / "checkpoint-0.pth"
+    with pytest.raises(UsageError, match="pretrained with --mask_type grid, this run has --mask_type random"):
+        run(data, tmp_path / "b", epochs=2, resume=ckpt)
+    run(data, tmp_path / "c", epochs=2, resume=ckpt, mask_type="grid")  # the same flags continue
+    assert load(tmp_path / "c" / "checkpoint-last.pth")["epoch"] == 1

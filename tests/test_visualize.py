@@ -192,6 +192,8 @@ def test_mask_type_grid_shows_the_grid(tmp_path, how):
     paths = _run(tmp_path, checkpoint, images, "--mask_type", "random")
     hidden = _masked_tile_hidden(paths[0])
     assert hidden.sum() == 48 and not np.array_equal(hidden, expected)
+    with pytest.raises(visualize.UsageError, match="--mask_type grid: grid masking keeps one patch of every 2x2"):
+        _run(tmp_path, checkpoint, images, "--mask_type", "grid", "--mask_ratio", "0.5")  # one line, no traceback
 
 
 def test_mask_type_block_shows_the_seeded_block_masks_and_mixmim_refuses_other_types(tmp_path):

@@ -336,6 +336,10 @@ def load_resume(
         return None
     checkpoint = load_checkpoint_file(args.resume)
     load_model_strict(unwrap(model), state_dict_of(checkpoint), args.resume)
+    saved_mask, own_mask = saved_args(checkpoint).get("mask_type"), getattr(unwrap(model), "mask_type", None)
+    if saved_mask and own_mask and saved_mask != own_mask:  # the weights fit either way: say it, not train on
+        raise UsageError(f"checkpoint {args.resume} was pretrained with --mask_type {saved_mask}, this run has "
+                         f"--mask_type {own_mask}: resume with the same flags")  # fmt: skip
     logger.info("Resume checkpoint %s", args.resume)
     if optimizer is not None and "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", 0):
         try:

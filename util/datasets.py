@@ -431,8 +431,8 @@ def pretrain_transform(
     ``aug`` picks the augmentation of the MAE paper's Table 1e (before the normalisation): ``"crop"`` the above
     ("crop, rand size", the official one); ``"none"`` the image resized (bicubic) so that it covers the input size and
     its center crop, no flip ("none": "only center-crop, no flipping"); ``"crop_fixed"`` the image resized to cover
-    the input size / 0.875 (256 for 224, as the evaluation's resize) and a random crop of the input size (77% of its
-    area) at a random place, and the flip ("crop, fixed size"); ``"crop_color"`` the crop and flip, then
+    the input size / 0.875 (256 for 224, the official evaluation's resize) and a random crop of the input size (77% of
+    its area) at a random place, and the flip ("crop, fixed size"); ``"crop_color"`` the crop and flip, then
     ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4) ("crop + color jit"; the paper gives no values: these
     are the usual ones of MoCo v2 / SimCLR, without hue), 3 channels only.
 
