@@ -10,11 +10,12 @@ the encoder's batching is the same for every strategy.
 - ``block``: block-wise masking after BEiT (Bao et al., 2021, Algorithm 1), not identical to it (below): per
   image, draw rectangles until at least ``L - K`` patches are covered. Each has a size ``s`` uniform in
   [16, max(16, patches still to cover)] and an aspect ratio ``r`` log-uniform in [0.3, 1/0.3]; its sides are
-  ``ceil(sqrt(s * r))`` x ``ceil(sqrt(s / r))`` patches (rows x columns; so at least ``s`` patches), clipped to the grid, at a uniform position. The last rectangle may
-  overshoot the target: its newly covered patches are then the ones handed back (kept) at random, so all earlier
-  rectangles stay whole. Drawn on the CPU (a Python loop with one small draw per rectangle), then moved. BEiT
-  instead rounds the sides, retries a rectangle that leaves the grid or would cover too many patches, and so may
-  stop short of the ratio; here every image keeps exactly ``K`` patches, which batching needs.
+  ``ceil(sqrt(s * r))`` x ``ceil(sqrt(s / r))`` patches (rows x columns; so at least ``s`` patches), clipped to the
+  grid, at a uniform position. The last rectangle may overshoot the target: its newly covered patches are then the
+  ones handed back (kept) at random, so all earlier rectangles stay whole. Drawn on the CPU (a Python loop with one
+  small draw per rectangle), then moved. BEiT instead rounds the sides, retries a rectangle that leaves the grid or
+  would cover too many patches, and so may stop short of the ratio; here every image keeps exactly ``K`` patches,
+  which batching needs.
 
 Random draws use torch's RNG only: the global one, or ``generator`` (reproducible pictures without touching the
 global streams). Shapes: N images, (H, W) the patch grid, L = H * W patches.
