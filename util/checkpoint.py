@@ -9,7 +9,6 @@ pickle an ``argparse.Namespace``) load too: that one class is allow-listed, noth
 
 import argparse
 import codecs
-import io
 import logging
 import os
 import pickle
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
@@ -28,7 +26,7 @@ from util.cli import args_to_dict
 from util.dist import get_world_size, is_main_process
 from util.errors import UsageError
 from util.families import FAMILY_TITLE, family_of_module, family_of_state_dict, unwrap
-from util.files import fsync_dir, temp_path, write_atomic
+from util.files import NPY_MAGIC, decodes_as_utf8, fsync_dir, image_format, temp_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +96,18 @@ def _not_torch_kind(head: bytes) -> str | None:
         return None
     if not head:
         return "it is empty"
-    if head.startswith(b"\x93NUMPY"):
+    if head.startswith(NPY_MAGIC):
         return "it looks like a NumPy .npy array"
     if head.startswith(b"\x89HDF"):
         return "it looks like an HDF5 file"
     if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 30:  # an 8-byte length, then JSON
         return "it looks like a safetensors file"
-    try:
-        with Image.open(io.BytesIO(head)) as img:
-            return f"it looks like a {img.format} image"
-    except Exception:
-        pass
-    try:
-        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head)  # a character cut at 4096 bytes is fine
-    except UnicodeDecodeError:
+    fmt = image_format(head)
+    if fmt:
+        return f"it looks like a {fmt} image"
+    if not decodes_as_utf8(head):
         return "it is binary data of another format"
+    text = head.removeprefix(codecs.BOM_UTF8).decode("utf-8", "ignore")  # "ignore": a character cut at the end
     return "it looks like JSON text" if text.lstrip().startswith(("{", "[")) else "it looks like text"
 
 

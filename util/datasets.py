@@ -20,7 +20,6 @@ rank, which DDP needs); an evaluation batch just leaves it out.
 import argparse
 import codecs
 import functools
-import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -44,6 +43,7 @@ from util.crop import RandomResizedCrop, crop_ratio
 from util.device_decode import EncodedImage, collate_encoded
 from util.dist import all_reduce_mean, get_rank, get_world_size
 from util.errors import BadImageError, UsageError
+from util.files import NPY_MAGIC, decodes_as_utf8, image_format
 from util.seeding import image_seed, seed_worker, seeded_rng
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def _list_file_lines(list_file: str) -> list[str]:
     with open(list_file, "rb") as f:
         head = f.read(4096)
         if not _is_text(head):  # an image, another binary file, or text in another encoding (reported below)
-            if is_image_file(list_file) or _looks_like_image(head):
+            if is_image_file(list_file) or head.startswith(NPY_MAGIC) or image_format(head):
                 raise UsageError(f"--data_path {list_file} is an image, not a folder or a list file of image paths")
             if b"\0" in head:
                 raise UsageError(f"--data_path {list_file} is a binary file, not a folder or a list file of image "
@@ -344,22 +344,7 @@ def _is_text(head: bytes) -> bool:
     """Whether a file starting with ``head`` is UTF-8 text (a character may be cut at the end), or UTF-16."""
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return True
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head)
-    except UnicodeDecodeError:
-        return False
-    return b"\0" not in head
-
-
-def _looks_like_image(head: bytes) -> bool:
-    """Whether a file starting with ``head`` is an image PIL identifies, or a ``.npy`` array."""
-    if head.startswith(b"\x93NUMPY"):
-        return True
-    try:
-        with Image.open(io.BytesIO(head)):
-            return True
-    except Exception:
-        return False
+    return decodes_as_utf8(head) and b"\0" not in head
 
 
 def _listed_paths(list_file: str, skip_missing: bool = False) -> list[str]:

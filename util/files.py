@@ -1,10 +1,14 @@
 """Files the runs write: one atomic-write helper (checkpoints, args.json), log.txt lines, writable folders."""
 
+import codecs
+import io
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from PIL import Image
 
 from util.errors import UsageError
 
@@ -71,3 +75,25 @@ def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"{flag} {output_dir} is not writable: {e.strerror or e}") from e
+
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a NumPy .npy file
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format PIL identifies from a file's first bytes ``head`` ("PNG", "JPEG", ...), else None."""
+    try:
+        with Image.open(io.BytesIO(head)) as img:
+            return img.format
+    except Exception:
+        return None
+
+
+def decodes_as_utf8(head: bytes) -> bool:
+    """Whether a file's first bytes ``head`` are UTF-8 text (a byte-order mark, or a character cut at the end, is
+    fine)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return False
+    return True
