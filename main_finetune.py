@@ -256,6 +256,8 @@ def main(
     dataset_train, args.mean, args.std = train_folder_and_stats(
         args, dataset_train, lambda m, s: finetune_transform(args, m, s), build=not args.eval
     )
+    if args.eval_set and dataset_val is not None:
+        raise UsageError(f"--eval_set {args.eval_set} reads its set from --data_path: pass no validation set to main")
     eval_parts = eval_set_parts(args) if args.eval_set else None  # {name: dataset} (util/robustness.py)
     if dataset_val is None:
         dataset_val = next(iter(eval_parts.values())) if eval_parts else build_dataset(is_train=False, args=args)

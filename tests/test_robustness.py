@@ -232,6 +232,16 @@ def test_eval_set_without_eval_is_refused(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_eval_set_with_a_validation_set_passed_in_is_refused(tmp_path: Path) -> None:
+    """--eval_set reads the set's own layout from --data_path: a dataset given to main would be ignored."""
+    data = make_image_folder(tmp_path / "data", per_class=1, val_per_class=1)
+    args = parse(main_finetune.get_args_parser(), **tiny_run_args(data, tmp_path / "out"), eval=True,
+                 eval_set="imagenet-a", nb_classes=1000)  # fmt: skip
+    given = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UsageError, match="--eval_set imagenet-a reads its set from --data_path"):
+        main_finetune.main(args, dataset_val=given)
+
+
 def test_eval_set_imagenet_is_plain_eval(tmp_path: Path) -> None:
     """``--eval_set imagenet`` scores ``data_path/val`` exactly as ``--eval`` alone (which writes nothing)."""
     data = make_image_folder(tmp_path / "data", classes=3, per_class=1, val_per_class=2)
