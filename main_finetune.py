@@ -268,7 +268,14 @@ def main(
     mixup_fn = build_mixup(args)
 
     model = build_classifier(
-        args.model_name, args.input_size, args.nb_classes, args.drop_path, args.global_pool, device, args.in_chans
+        args.model_name,
+        args.input_size,
+        args.nb_classes,
+        args.drop_path,
+        args.global_pool,
+        device,
+        args.in_chans,
+        args.layer_norm_eps,
     )
     if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=2e-5)

@@ -183,7 +183,9 @@ def main(
     if mixmim:  # --cls_token is the probe's default, not a choice made for MixMIM
         logger.info("features: the pooled last stage (MixMIM; --cls_token and --global_pool choose for ViTs only)")
     global_pool = None if mixmim else args.global_pool
-    model = build_classifier(args.model_name, args.input_size, args.nb_classes, 0.0, global_pool, device, args.in_chans)
+    model = build_classifier(
+        args.model_name, args.input_size, args.nb_classes, 0.0, global_pool, device, args.in_chans, args.layer_norm_eps
+    )
     if args.finetune:
         load_pretrained(model, args.finetune, head_init_std=0.01)  # head init following MoCo v3
     add_probe_head(model)

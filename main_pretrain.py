@@ -223,7 +223,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def check_ablation_args(args: argparse.Namespace) -> None:
     """One-line errors for the MAE ablation flags (--decoder_*, --mask_type, --pretrain_aug) before the model is
     built (the masks' needs are checked on it, in ``validate_args``)."""
-    overrides = pretrain_overrides(vars(args))
+    overrides = {k: v for k, v in pretrain_overrides(vars(args)).items() if k != "layer_norm_eps"}
     if overrides and family_of(args.model_name) == "mixmim":
         flags = " ".join(f"--{k} {v}" for k, v in overrides.items())
         raise UsageError(f"{flags}: MAE ablations, for mae_vit_* models; --model {args.model_name} is MixMIM")

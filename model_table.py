@@ -229,11 +229,14 @@ def mae_decoder(name: str) -> dict[str, int]:
 def pretrain_overrides(args: dict) -> dict:
     """The factory keywords that a pretraining run's arguments (``vars(args)``, or a checkpoint's ``saved_args``)
     ask for beyond the named model's own: main_pretrain.py's MAE ablations, ``--decoder_*`` when given and
-    ``--mask_type`` when not ``random``. main_pretrain.py builds with them, so a checkpoint's model is rebuilt from
-    its name, input size and these; {} for the defaults (and for checkpoints that do not record them)."""
+    ``--mask_type`` when not ``random``, and the LayerNorm eps of weights that state theirs (``layer_norm_eps``).
+    main_pretrain.py builds with them, so a checkpoint's model is rebuilt from its name, input size and these; {}
+    for the defaults (and for checkpoints that do not record them)."""
     kwargs = {k: int(args[k]) for k in DECODER_ARGS if args.get(k) is not None}
     if args.get("mask_type") not in (None, "random"):
         kwargs["mask_type"] = str(args["mask_type"])
+    if args.get("layer_norm_eps") is not None:  # weights from Hugging Face (util/formats.py)
+        kwargs["layer_norm_eps"] = float(args["layer_norm_eps"])
     return kwargs
 
 
@@ -253,8 +256,10 @@ def build_classifier(
     global_pool: bool | None = None,
     device: torch.device | None = None,
     in_chans: int = 3,
+    layer_norm_eps: float | None = None,
 ) -> nn.Module:
     """A classifier (ViT or MixMIM) for fine-tuning or linear probing, for images of ``in_chans`` channels.
+    ``layer_norm_eps``: the eps its weights need when they state one (ViT; ``util.checkpoint.saved_norm_eps``).
 
     ``global_pool`` picks mean pooling or the cls token for ViTs; MixMIM classifiers always pool their last stage
     (``False``, an explicit ``--cls_token``, is warned about; None is no choice).
@@ -263,6 +268,8 @@ def build_classifier(
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, in_chans=in_chans)
     if family_of(resolved) == "mae":
         kwargs["global_pool"] = bool(global_pool)
+        if layer_norm_eps is not None:
+            kwargs["layer_norm_eps"] = layer_norm_eps
     elif global_pool is False:
         logger.warning("--cls_token is ignored for %s: MixMIM classifiers pool the last stage's tokens", resolved)
     return _create(resolved, input_size, device, **kwargs)

@@ -38,6 +38,7 @@ from util.checkpoint import (
     checkpoint_grid,
     load_checkpoint_file,
     load_pretrained_state,
+    saved_args,
     state_dict_of,
 )
 
@@ -153,6 +154,8 @@ def detection_backbone(
         kwargs["img_size"] = img_size
     vit = family_of(name) == "mae"
     if vit:
+        if checkpoint and saved_args(loaded).get("layer_norm_eps") is not None:  # weights from Hugging Face
+            kwargs["layer_norm_eps"] = float(saved_args(loaded)["layer_norm_eps"])
         # global pooling: no final norm, so any checkpoint fits (pretraining, cls-token or global-pool fine-tuned);
         # the pyramid drops the norms and the pooling anyway
         kwargs.update(dynamic_img_size=True, global_pool=True)

@@ -246,7 +246,9 @@ def _mae(pretrained: bool, overrides: dict, **arch) -> MaskedAutoencoderViT:
     """Build an MAE from its architecture, with the caller's keyword overrides (img_size, norm_pix_loss, ...)."""
     if pretrained:
         raise ValueError("no pretrained weights are bundled; load a checkpoint with --resume or load_state_dict")
-    kwargs = {"norm_layer": partial(nn.LayerNorm, eps=1e-6), **arch, **drop_timm_kwargs(overrides)}
+    kwargs = {**arch, **drop_timm_kwargs(overrides)}
+    # the official LayerNorm eps is 1e-6; weights from Hugging Face state theirs (its ViT default: 1e-12)
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=kwargs.pop("layer_norm_eps", None) or 1e-6))
     return MaskedAutoencoderViT(**kwargs)
 
 

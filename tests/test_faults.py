@@ -392,13 +392,13 @@ class NotPlainData:
 
 
 NO_CHECKPOINT = {  # kind of file: what the one line says
-    "json": r"args.json is not a PyTorch checkpoint \(it looks like JSON text\)",
-    "image": r"0.png is not a PyTorch checkpoint \(it looks like a PNG image\)",
+    "json": r"args.json is not a checkpoint \(it looks like JSON text\)",
+    "image": r"0.png is not a checkpoint \(it looks like a PNG image\)",
     "object": r"holds a pickled `\S*NotPlainData` object, not plain data; only plain dicts / tensors \(and the "
     r"official argparse.Namespace\) are read",
     "truncated": r"is truncated or corrupt \(RuntimeError: PytorchStreamReader failed reading zip archive",
     "no weights": r"holds no model weights: a dict of \{epoch, args\}",
-    "pickle": r"plain.pkl is not a PyTorch checkpoint \(it looks like a Python pickle that torch.save did not write\)",
+    "pickle": r"plain.pkl is not a checkpoint \(it looks like a Python pickle that torch.save did not write\)",
 }
 
 

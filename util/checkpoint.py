@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util import faults, pos_embed
+from util import faults, formats, pos_embed
 from util.cli import args_to_dict
 from util.dist import get_world_size, is_main_process
 from util.errors import UsageError
@@ -46,13 +46,17 @@ def load_checkpoint_file(path: str | os.PathLike, weights: bool = True) -> dict:
     first such class named; loading it with ``weights_only=False`` could run any code, so nothing suggests that),
     and, with ``weights``, a dict without model weights (no tensor where ``state_dict_of`` looks)."""
     path = str(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UsageError(f"checkpoint {path} does not exist")
+    checkpoint = formats.read_checkpoint(path)  # a Hugging Face / timm folder, a safetensors file
+    if checkpoint is not None:
+        return _checked(checkpoint, path, weights)
     with open(path, "rb") as f:
         head = f.read(4096)
     kind = _not_torch_kind(head)
     if kind:
-        raise UsageError(f"{path} is not a PyTorch checkpoint ({kind}); give a .pth file written by torch.save")
+        raise UsageError(f"{path} is not a checkpoint ({kind}); give a .pth file written by torch.save, a "
+                         "safetensors file or a Hugging Face / timm model folder")  # fmt: skip
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -64,18 +68,20 @@ def load_checkpoint_file(path: str | os.PathLike, weights: bool = True) -> dict:
                 f"tensors (and the official argparse.Namespace) are read"
             ) from None
         if not head.startswith((b"PK\x03\x04", _LEGACY_MAGIC)):
-            raise UsageError(f"{path} is not a PyTorch checkpoint (it looks like a Python pickle that torch.save did "
+            raise UsageError(f"{path} is not a checkpoint (it looks like a Python pickle that torch.save did "
                              "not write); give a .pth file written by torch.save") from None  # fmt: skip
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({_unpickler_reason(e)})") from None
     except Exception as e:  # a torn or foreign file fails in many ways inside the unpickler / zip reader
         kind = _foreign_zip(path)
         if kind:
-            raise UsageError(
-                f"{path} is not a PyTorch checkpoint ({kind}); give a .pth file written by torch.save"
-            ) from e
+            raise UsageError(f"{path} is not a checkpoint ({kind}); give a .pth file written by torch.save") from e
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's reason, not its speculation
         first = first or ("the file ends early" if isinstance(e, EOFError) else "no reason given")
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
+    return _checked(checkpoint, path, weights)
+
+
+def _checked(checkpoint, path: str, weights: bool) -> dict:
     if not isinstance(checkpoint, dict):
         raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     if weights and not any(isinstance(v, torch.Tensor) for v in _weights_of(checkpoint).values()):
@@ -100,8 +106,6 @@ def _not_torch_kind(head: bytes) -> str | None:
         return "it looks like a NumPy .npy array"
     if head.startswith(b"\x89HDF"):
         return "it looks like an HDF5 file"
-    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 30:  # an 8-byte length, then JSON
-        return "it looks like a safetensors file"
     fmt = image_format(head)
     if fmt:
         return f"it looks like a {fmt} image"
@@ -255,7 +259,7 @@ def resolve_resume(args: argparse.Namespace) -> None:
         args.resume = found or ""
         return
     path = Path(args.resume)
-    if path.is_file():
+    if path.is_file() or (path / "config.json").is_file():  # a checkpoint, or a Hugging Face / timm folder
         return
     if args.output_dir and path.parent.resolve() == Path(args.output_dir).resolve():
         remove_stale_temp_files(args.output_dir)
@@ -381,6 +385,25 @@ def saved_args(checkpoint: dict) -> dict:
     ``argparse.Namespace``; {} when it has none."""
     saved = checkpoint.get("args") or {}
     return vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+
+
+def saved_norm_eps(*paths: str) -> float | None:
+    """The LayerNorm eps that the first of ``paths`` (``--resume``, ``--finetune``) states its weights need, or None
+    (the model's own). Weights from Hugging Face state theirs (``args["layer_norm_eps"]``), and every run started
+    from them keeps it in its checkpoints. The weights are not read."""
+    for path in paths:
+        if not path or not os.path.exists(path):
+            continue
+        args = formats.read_saved_args(path)  # a folder or safetensors file
+        if args is None:
+            try:
+                args = saved_args(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            except Exception:  # not mappable (a legacy or foreign file): the weight loading reports it
+                args = {}
+        eps = args.get("layer_norm_eps")
+        if eps is not None:
+            return float(eps)
+    return None
 
 
 def checkpoint_grid(checkpoint: dict) -> tuple[int, int] | None:

@@ -148,12 +148,13 @@ def validate_common_args(args: argparse.Namespace, data_list_file: bool = False)
 
 
 def check_input_paths(args: argparse.Namespace, data_list_file: bool = False) -> None:
-    """``--data_path`` is a folder (or, where ``data_list_file``, a list file) and ``--finetune`` a file."""
+    """``--data_path`` is a folder (or, where ``data_list_file``, a list file) and ``--finetune`` exists (a file,
+    or a Hugging Face / timm model folder)."""
     if args.data_path and not os.path.exists(args.data_path):
         raise UsageError(f"--data_path {args.data_path} does not exist")
     if args.data_path and not (os.path.isdir(args.data_path) or data_list_file):
         raise UsageError(f"--data_path {args.data_path} is a file, not a folder (an ImageFolder with train/ and val/)")
-    if getattr(args, "finetune", "") and not os.path.isfile(args.finetune):
+    if getattr(args, "finetune", "") and not os.path.exists(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist")
 
 

@@ -14,6 +14,7 @@ import os
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from util import formats
 from util.datasets import unreadable_reason
 from util.errors import BadImageError, UsageError
 
@@ -61,8 +62,11 @@ def saved_data_stats(path: str) -> dict | None:
     """The ``data_stats`` ({"mean": [...], "std": [...]}) of a checkpoint, or None (official checkpoints have none).
 
     The file is memory-mapped: the weights are not read."""
-    if not path or not os.path.isfile(path):
+    if not path or not os.path.exists(path):
         return None
+    stats = formats.read_data_stats(path)  # a safetensors file's metadata, a Hugging Face / timm folder's config
+    if stats is not None or os.path.isdir(path):
+        return stats
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # official or foreign files that cannot be mapped: the weight loading reports them

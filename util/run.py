@@ -11,7 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from util.amp import resolve_amp
-from util.checkpoint import resolve_resume, run_layout, save_checkpoint
+from util.checkpoint import resolve_resume, run_layout, save_checkpoint, saved_norm_eps
 from util.cli import log_args, save_args_json
 from util.datasets import skipped_images
 from util.dist import barrier, get_rank, init_distributed_mode, is_main_process
@@ -28,7 +28,8 @@ def start_run(
 ) -> torch.device:
     """Everything before the data is read: the process group and device, the precision, ``--log_dir`` (default:
     ``--output_dir``), ``check(args)`` (the script's resolution of defaults and its one-line errors), writable
-    output folders (when the run ``writes``), the checkpoint to resume from, the arguments in the log, and the
+    output folders (when the run ``writes``), the checkpoint to resume from (and the LayerNorm eps its or
+    ``--finetune``'s weights state), the arguments in the log, and the
     seeds. Returns the device."""
     init_distributed_mode(args)
     device = torch.device(args.device)
@@ -40,6 +41,8 @@ def start_run(
         check_output_dir(args.output_dir)
         check_output_dir(args.log_dir, "--log_dir")
     resolve_resume(args)
+    # weights from Hugging Face need their LayerNorm eps: the model is built with it, and it is saved with the args
+    args.layer_norm_eps = saved_norm_eps(args.resume, getattr(args, "finetune", ""))
     if writes:  # a training run: a preemption signal checkpoints and stops (util/preemption.py)
         SIGNALS.install()
     log_args(args)
