@@ -161,7 +161,7 @@ def write_timm(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, 
     patch = model.patch_embed.patch_size
     patch = int(patch[0] if isinstance(patch, tuple | list) else patch)
     width, depth = int(state["cls_token"].shape[-1]), len(model.blocks)
-    architecture = _TIMM_ARCH.get((patch, width), "vit_base_patch16_224")
+    architecture = _TIMM_ARCH.get(width, "vit_base_patch16_224")
     size = args.get("input_size") or model.patch_embed.img_size
     h, w = (size, size) if isinstance(size, int) else size
     in_chans = int(state["patch_embed.proj.weight"].shape[1])

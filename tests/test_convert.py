@@ -1,0 +1,367 @@
+"""convert.py and the formats it reads and writes, with the real ``transformers`` and ``timm`` as the clients.
+
+Every model's weights are perturbed away from their initialisation (LayerNorms start at weight 1, bias 0, so two
+swapped norms would otherwise look alike). Hugging Face configs here use a LayerNorm eps of 1e-3, neither the
+official 1e-6 nor HF's 1e-12, so that a converter that drops the eps gives other outputs.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from train_utils import make_image_folder, parse, tiny_run_args
+
+import main_finetune
+import main_knn
+from convert import convert
+from convert import get_args_parser as convert_parser
+from convert import main as convert_main
+from model_table import build_classifier, build_pretrain_model, pretrain_overrides
+from models_backbone import detection_backbone
+from util.checkpoint import load_checkpoint_file, load_model_strict, load_pretrained, saved_norm_eps, state_dict_of
+from util.errors import UsageError
+from visualize import load_pretrain_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+TINY_HF = dict(  # mae_vit_tiny_patch4 in Hugging Face's terms
+    hidden_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=3,
+    intermediate_size=768,
+    image_size=32,
+    patch_size=4,
+)
+TINY_HF_DECODER = dict(
+    decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512
+)
+STATS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def our_mae(norm_pix_loss: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return perturb(build_pretrain_model("mae_vit_tiny_patch4", 32, norm_pix_loss=norm_pix_loss))
+
+
+def save_ours(model: torch.nn.Module, path: Path, name: str, input_size: int = 32, **args) -> Path:
+    torch.save(
+        {"model": model.state_dict(), "model_name": name, "epoch": 7, "data_stats": STATS,
+         "args": {"model": name, "input_size": input_size, "in_chans": 3, **args}},
+        path,
+    )  # fmt: skip
+    return path
+
+
+def hf_mae(norm_pix_loss: bool, eps: float = 1e-3) -> torch.nn.Module:
+    torch.manual_seed(1)
+    config = transformers.ViTMAEConfig(**TINY_HF, **TINY_HF_DECODER, layer_norm_eps=eps, norm_pix_loss=norm_pix_loss)
+    return perturb(transformers.ViTMAEForPreTraining(config), seed=1)
+
+
+def same_run(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """The same images and noise give the identical mask, the loss within 1e-6 relative, the reconstruction within
+    1e-5."""
+    torch.manual_seed(2)
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    with torch.no_grad():
+        loss, pred, mask = ours(x, 0.75, noise)
+        out = hf(pixel_values=x, noise=noise)
+    assert torch.equal(out.mask, mask)
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(out.logits, pred, rtol=0, atol=1e-5)
+
+
+def loads_cleanly(cls, folder: Path) -> torch.nn.Module:
+    """``cls.from_pretrained(folder)`` reporting no missing, unexpected or mismatched keys."""
+    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    return model.eval()
+
+
+def rebuilt_mae(path: Path) -> torch.nn.Module:
+    """Our pretraining model as the scripts build it from a checkpoint: name, input size, norm_pix_loss and the
+    factory keywords its arguments state (the decoder, the LayerNorm eps)."""
+    checkpoint = load_checkpoint_file(path)
+    args = checkpoint["args"]
+    model = build_pretrain_model(
+        checkpoint["model_name"], args["input_size"], norm_pix_loss=args["norm_pix_loss"], **pretrain_overrides(args)
+    )
+    load_model_strict(model, state_dict_of(checkpoint), str(path))
+    return model.eval()
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- MAE pretraining <-> ViTMAEForPreTraining
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_ours_in_transformers_same_mask_loss_reconstruction(tmp_path: Path, norm_pix_loss: bool) -> None:
+    ours = our_mae(norm_pix_loss)
+    src = save_ours(ours, tmp_path / "ours.pth", "mae_vit_tiny_patch4", norm_pix_loss=norm_pix_loss, mask_ratio=0.75)
+    assert convert(str(src), str(tmp_path / "hf"), "hf") == "Hugging Face ViTMAEForPreTraining"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["layer_norm_eps"] == 1e-6 and config["norm_pix_loss"] is norm_pix_loss
+    assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["image_mean"] == STATS["mean"]
+    same_run(ours, loads_cleanly(transformers.ViTMAEForPreTraining, tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_a_transformers_model_here_and_back(tmp_path: Path, norm_pix_loss: bool) -> None:
+    hf = hf_mae(norm_pix_loss)
+    hf.save_pretrained(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "ours.pth"), "official")
+    checkpoint = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert checkpoint["model_name"] == "mae_vit_tiny_patch4"
+    assert checkpoint["args"]["layer_norm_eps"] == 1e-3 and checkpoint["args"]["norm_pix_loss"] is norm_pix_loss
+    ours = rebuilt_mae(tmp_path / "ours.pth")
+    assert ours.norm.eps == ours.decoder_norm.eps == ours.blocks[0].norm1.eps == 1e-3
+    same_run(ours, hf)
+
+    convert(str(tmp_path / "ours.pth"), str(tmp_path / "back"), "hf")
+    back = loads_cleanly(transformers.ViTMAEForPreTraining, tmp_path / "back")
+    assert_same_tensors(back.state_dict(), hf.state_dict())  # bit-exact
+    assert back.config.layer_norm_eps == 1e-3 and back.config.norm_pix_loss is norm_pix_loss
+    same_run(ours, back)
+
+
+def test_the_hub_key_names_and_those_of_transformers_5_read_alike(tmp_path: Path) -> None:
+    """The hub's files name q / k / v ``attention.attention.query``; transformers 5 names them ``q_proj``."""
+    hf = hf_mae(False)
+    hf.save_pretrained(tmp_path / "saved")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    assert any(".q_proj." in k for k in hf.state_dict())
+    a = state_dict_of(load_checkpoint_file(tmp_path / "saved"))
+    b = state_dict_of(load_checkpoint_file(tmp_path / "model.safetensors"))  # a model.safetensors with config beside
+    assert_same_tensors(a, b)
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def test_cls_token_classifier_to_transformers_and_back(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ours = perturb(build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=False))
+    src = save_ours(ours, tmp_path / "ft.pth", "vit_tiny_patch4")
+    assert convert(str(src), str(tmp_path / "hf"), "hf") == "Hugging Face ViTForImageClassification"
+    hf = loads_cleanly(transformers.ViTForImageClassification, tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, ours(x), rtol=0, atol=1e-5)
+    convert(str(tmp_path / "hf"), str(tmp_path / "back.pth"), "official")
+    assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True)["model"], ours.state_dict())
+
+
+def test_a_transformers_classifier_here(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**TINY_HF, num_labels=4)  # HF's default eps, 1e-12
+    hf = perturb(transformers.ViTForImageClassification(config))
+    hf.save_pretrained(tmp_path / "hf")
+    eps = saved_norm_eps(str(tmp_path / "hf"))
+    assert eps == 1e-12
+    ours = build_classifier("vit_tiny_patch4", 32, 4, 0.0, global_pool=False, layer_norm_eps=eps).eval()
+    load_model_strict(ours, state_dict_of(load_checkpoint_file(tmp_path / "hf")), "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=0, atol=1e-5)
+
+
+def test_the_global_pool_classifier_has_no_hugging_face_class(tmp_path: Path) -> None:
+    ours = build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=True)
+    src = save_ours(ours, tmp_path / "ft.pth", "vit_tiny_patch4")
+    with pytest.raises(UsageError, match="global-pool fine-tuned ViT .* has no Hugging Face class: --to timm"):
+        convert(str(src), str(tmp_path / "hf"), "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def checkpoints(tmp_path: Path) -> dict[str, Path]:
+    """A pretraining and a fine-tuned checkpoint of each family, ours, with arguments and statistics."""
+    torch.manual_seed(0)
+    made = {
+        "mae": (build_pretrain_model("mae_vit_tiny_patch4", 32), "mae_vit_tiny_patch4", 32),
+        "vit": (build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=True), "vit_tiny_patch4", 32),
+        "mixmim": (build_pretrain_model("mixmim_tiny", 64), "mixmim_tiny", 64),
+        "mixmim_ft": (build_classifier("mixmim_tiny_ft", 64, 5, 0.0), "mixmim_tiny_ft", 64),
+    }
+    return {k: save_ours(perturb(m), tmp_path / f"{k}.pth", name, size) for k, (m, name, size) in made.items()}
+
+
+@pytest.mark.parametrize(
+    "kind, formats",
+    [
+        ("mae", ["safetensors", "hf", "official"]),
+        ("vit", ["safetensors", "timm", "official"]),
+        ("mixmim", ["safetensors", "official"]),
+        ("mixmim_ft", ["safetensors", "official"]),
+    ],
+)
+def test_round_trips_are_bit_exact(tmp_path: Path, kind: str, formats: list[str]) -> None:
+    src = checkpoints(tmp_path)[kind]
+    original = torch.load(src, weights_only=True)
+    path = src
+    for i, to in enumerate(formats):
+        dst = tmp_path / f"step{i}_{to}{'.safetensors' if to == 'safetensors' else '.pth' if to == 'official' else ''}"
+        convert(str(path), str(dst), to)
+        path = dst
+        assert_same_tensors(state_dict_of(load_checkpoint_file(dst)), original["model"])
+    final = torch.load(path, weights_only=True)
+    assert final["model_name"] == original["model_name"]
+    if "hf" not in formats and "timm" not in formats:  # the safetensors metadata keeps all the scripts need
+        assert final["args"] == original["args"] and final["data_stats"] == STATS and final["epoch"] == 7
+
+
+def test_safetensors_metadata(tmp_path: Path) -> None:
+    src = checkpoints(tmp_path)["mixmim"]
+    convert(str(src), str(tmp_path / "m.safetensors"), "safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert {k: json.loads(meta[k]) for k in ("model_name", "input_size", "in_chans", "mean", "std", "epoch")} == {
+        "model_name": "mixmim_tiny", "input_size": 64, "in_chans": 3, "mean": STATS["mean"], "std": STATS["std"],
+        "epoch": 7,
+    }  # fmt: skip
+
+
+def test_encoder_only_is_the_released_layout(tmp_path: Path) -> None:
+    src = checkpoints(tmp_path)["mae"]
+    convert(str(src), str(tmp_path / "enc.pth"), "official", encoder_only=True)
+    saved = torch.load(tmp_path / "enc.pth", weights_only=True)
+    assert list(saved) == ["model"]
+    keys = set(saved["model"])
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "blocks.5.mlp.fc2.bias"} <= keys
+    assert not any(k.startswith("decoder") or k == "mask_token" for k in keys)
+
+
+def test_mixmim_to_hf_or_timm_is_refused_in_one_line(tmp_path: Path) -> None:
+    src = checkpoints(tmp_path)["mixmim"]
+    for to, name in (("hf", "Hugging Face"), ("timm", "timm")):
+        with pytest.raises(UsageError, match=f"{name} has no MixMIM model: --to safetensors"):
+            convert(str(src), str(tmp_path / to), to)
+
+
+def test_bad_sources_and_destinations(tmp_path: Path) -> None:
+    src = checkpoints(tmp_path)["mae"]
+    with pytest.raises(UsageError, match="exists: give a new path"):
+        convert(str(src), str(src), "safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="is a folder, but not a Hugging Face or timm model folder"):
+        convert(str(tmp_path / "empty"), str(tmp_path / "x.pth"), "official")
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"a.json is not a checkpoint \(it looks like JSON text\)"):
+        convert(str(tmp_path / "a.json"), str(tmp_path / "x.pth"), "official")
+    convert(str(src), str(tmp_path / "ok.safetensors"), "safetensors")
+    whole = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "torn.safetensors").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UsageError, match="torn.safetensors is a truncated or corrupt safetensors file"):
+        convert(str(tmp_path / "torn.safetensors"), str(tmp_path / "x.pth"), "official")
+    with pytest.raises(UsageError, match="--model vit_base_patch16 does not have the shapes"):
+        convert(str(src), str(tmp_path / "y.pth"), "official", model_name="vit_base_patch16")
+    args = convert_parser().parse_args([str(src), str(tmp_path / "z.safetensors"), "--to", "safetensors"])
+    assert convert_main(args) == "safetensors with metadata"
+
+
+# ----------------------------------------------------------------------------- timm
+
+
+def test_timm_builds_its_own_vit_from_the_timm_folder(tmp_path: Path) -> None:
+    paths = checkpoints(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    convert(str(paths["mae"]), str(tmp_path / "enc"), "timm")  # the encoder, as timm's vit_*_224.mae weights
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'enc'}", pretrained=True).eval()
+    assert type(theirs) is timm.models.vision_transformer.VisionTransformer  # timm's class, not this project's
+    ours = build_classifier("vit_tiny_patch4", 32, 0, 0.0, global_pool=False)
+    load_pretrained(ours, str(paths["mae"]), head_init_std=None)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(x), ours.eval().forward_features(x), rtol=0, atol=1e-6)
+
+    convert(str(paths["vit"]), str(tmp_path / "ft"), "timm")  # a global-pool fine-tuned classifier with its head
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'ft'}", pretrained=True).eval()
+    ours = build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=True)
+    load_model_strict(ours, torch.load(paths["vit"], weights_only=True)["model"], "vit")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours.eval()(x), rtol=0, atol=1e-6)
+    assert list(theirs.pretrained_cfg["mean"]) == STATS["mean"]
+
+
+# ----------------------------------------------------------------------------- every place that takes a checkpoint
+
+
+def test_every_checkpoint_taking_place_reads_a_hugging_face_folder(tmp_path: Path) -> None:
+    hf = hf_mae(False, eps=1e-12)  # the hub's configs: HF's default eps
+    hf.save_pretrained(tmp_path / "hf")
+    expected = state_dict_of(load_checkpoint_file(tmp_path / "hf"))
+
+    model = load_pretrain_checkpoint(str(tmp_path / "hf"), model_name="mae_vit_tiny_patch4")  # visualize.py
+    assert model.norm.eps == 1e-12
+    same_run(model.eval(), hf)
+
+    vit = timm.create_model(  # timm's pretrained_cfg file: HF's model.safetensors
+        "vit_tiny_patch4", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "hf" / "model.safetensors"))
+    )
+    assert torch.equal(vit.state_dict()["blocks.3.attn.qkv.weight"], expected["blocks.3.attn.qkv.weight"])
+
+    backbone = detection_backbone("vit_tiny_patch4", str(tmp_path / "hf"), out_channels=16)
+    assert torch.equal(backbone.vit.state_dict()["blocks.2.attn.proj.weight"], expected["blocks.2.attn.proj.weight"])
+    assert backbone.vit.blocks[0].norm1.eps == 1e-12
+
+
+def test_a_hugging_face_folder_fine_tunes_and_evaluates(tmp_path: Path) -> None:
+    """``main_finetune.py --finetune path/to/hf-folder``, then ``--eval --resume`` of what it wrote; the model is
+    built with the folder's LayerNorm eps and keeps it."""
+    hf_mae(False, eps=1e-12).save_pretrained(tmp_path / "hf")
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    out = tmp_path / "ft"
+    args = parse(
+        main_finetune.get_args_parser(),
+        **tiny_run_args(data, out, model="vit_tiny_patch4", epochs=1, finetune=tmp_path / "hf", nb_classes=2),
+    )
+    main_finetune.main(args)
+    checkpoint = torch.load(out / "checkpoint-0.pth", weights_only=True)
+    assert checkpoint["args"]["layer_norm_eps"] == 1e-12
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    args = parse(
+        main_finetune.get_args_parser(),
+        **tiny_run_args(data, tmp_path / "eval", model="vit_tiny_patch4", eval=True, resume=out / "checkpoint-0.pth"),
+    )
+    stats = main_finetune.main(args)
+    assert args.layer_norm_eps == 1e-12
+    assert stats["acc1"] == pytest.approx(last["test_acc1"]) and stats["loss"] == pytest.approx(last["test_loss"])
+
+
+def test_knn_and_resume_read_safetensors_as_the_pth(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    src = checkpoints(tmp_path)["vit"]
+    convert(str(src), str(tmp_path / "ft.safetensors"), "safetensors")
+    results = []
+    for path in (src, tmp_path / "ft.safetensors"):
+        knn = main_knn.main(
+            parse(main_knn.get_args_parser(),
+                  **tiny_run_args(data, tmp_path / f"knn_{path.suffix[1:]}", model="vit_tiny_patch4", finetune=path,
+                                  log_dir=None), nb_knn=3)  # fmt: skip
+        )
+        ev = main_finetune.main(
+            parse(main_finetune.get_args_parser(),
+                  **tiny_run_args(data, tmp_path / path.suffix[1:], model="vit_tiny_patch4", eval=True, resume=path))  # fmt: skip
+        )
+        results.append((knn, ev))
+    assert results[0] == results[1]
