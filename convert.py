@@ -120,6 +120,10 @@ def write_hf(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, en
             "a global-pool fine-tuned ViT (mean of the tokens, then fc_norm) has no Hugging Face class: --to timm or "
             "--to safetensors keep it whole; the pretraining checkpoint it came from converts to ViTMAEModel"
         )
+    size = args.get("input_size")
+    if isinstance(size, list | tuple) and len(set(size)) > 1:
+        raise UsageError(f"input size {size[0]}x{size[1]}: Hugging Face's ViTMAE builds a square position grid only; "
+                         "--to timm or --to safetensors keep non-square checkpoints")  # fmt: skip
     if "head.weight" in state:
         kind = "ViTModel" if encoder_only else "ViTForImageClassification"
     elif "decoder_embed.weight" in state and not encoder_only:

@@ -252,6 +252,15 @@ def test_encoder_only_is_the_released_layout(tmp_path: Path) -> None:
     assert not any(k.startswith("decoder") or k == "mask_token" for k in keys)
 
 
+def test_a_non_square_mae_has_no_hugging_face_grid(tmp_path: Path) -> None:
+    model = build_pretrain_model("mae_vit_tiny_patch4", (32, 48))
+    src = save_ours(model, tmp_path / "wide.pth", "mae_vit_tiny_patch4", input_size=[32, 48])
+    with pytest.raises(UsageError, match="input size 32x48: Hugging Face's ViTMAE builds a square position grid"):
+        convert(str(src), str(tmp_path / "hf"), "hf")
+    convert(str(src), str(tmp_path / "wide.safetensors"), "safetensors")
+    assert load_checkpoint_file(tmp_path / "wide.safetensors")["args"]["input_size"] == [32, 48]
+
+
 def test_mixmim_to_hf_or_timm_is_refused_in_one_line(tmp_path: Path) -> None:
     src = checkpoints(tmp_path)["mixmim"]
     for to, name in (("hf", "Hugging Face"), ("timm", "timm")):
@@ -355,13 +364,19 @@ def test_knn_and_resume_read_safetensors_as_the_pth(tmp_path: Path) -> None:
     results = []
     for path in (src, tmp_path / "ft.safetensors"):
         knn = main_knn.main(
-            parse(main_knn.get_args_parser(),
-                  **tiny_run_args(data, tmp_path / f"knn_{path.suffix[1:]}", model="vit_tiny_patch4", finetune=path,
-                                  log_dir=None), nb_knn=3)  # fmt: skip
+            parse(
+                main_knn.get_args_parser(),
+                **tiny_run_args(
+                    data, tmp_path / f"knn_{path.suffix[1:]}", model="vit_tiny_patch4", finetune=path, log_dir=None
+                ),
+                nb_knn=3,
+            )  # fmt: skip
         )
         ev = main_finetune.main(
-            parse(main_finetune.get_args_parser(),
-                  **tiny_run_args(data, tmp_path / path.suffix[1:], model="vit_tiny_patch4", eval=True, resume=path))  # fmt: skip
+            parse(
+                main_finetune.get_args_parser(),
+                **tiny_run_args(data, tmp_path / path.suffix[1:], model="vit_tiny_patch4", eval=True, resume=path),
+            )  # fmt: skip
         )
         results.append((knn, ev))
     assert results[0] == results[1]
