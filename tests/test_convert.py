@@ -380,3 +380,52 @@ def test_knn_and_resume_read_safetensors_as_the_pth(tmp_path: Path) -> None:
         )
         results.append((knn, ev))
     assert results[0] == results[1]
+
+
+HUB_CONFIGS = {  # the config.json of facebook/vit-mae-{base,large,huge} on the hub (their eps aside: 1e-12 there)
+    "mae_vit_base_patch16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                 patch_size=16),
+    "mae_vit_large_patch16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                  intermediate_size=4096, patch_size=16),
+    "mae_vit_huge_patch14": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                                 intermediate_size=5120, patch_size=14),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_the_released_sizes_get_the_hub_configs(name: str) -> None:
+    """B / L / H (on the meta device: shapes only) are told apart by their shapes and get the hub's configs."""
+    from convert import identify
+    from util.formats import hf_config
+
+    with torch.device("meta"):
+        state = build_pretrain_model(name, 224).state_dict()
+    found, model = identify(state, {}, "mae", None)
+    assert found == name
+    config = hf_config("ViTMAEForPreTraining", state, {}, model.blocks[0].attn.num_heads,
+                       model.decoder_blocks[0].attn.num_heads)  # fmt: skip
+    expected = {**HUB_CONFIGS[name], "image_size": 224, "num_channels": 3, "decoder_hidden_size": 512,
+                "decoder_num_hidden_layers": 8, "decoder_num_attention_heads": 16, "decoder_intermediate_size": 2048,
+                "mask_ratio": 0.75, "norm_pix_loss": False, "layer_norm_eps": 1e-6, "qkv_bias": True,
+                "hidden_act": "gelu", "model_type": "vit_mae"}  # fmt: skip
+    assert {k: config[k] for k in expected} == expected
+
+
+def test_a_folder_timm_writes_is_read_here(tmp_path: Path) -> None:
+    """timm's own MAE encoder (as ``vit_*_224.mae``: no head), saved by timm's hub writer, loads here and converts to
+    the official layout bit-exactly."""
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    args = dict(patch_size=4, img_size=32, depth=6, num_classes=0)
+    theirs = perturb(timm.create_model("vit_tiny_patch16_224", **args))
+    save_for_hf(theirs, str(tmp_path / "timm"), model_args=args, safe_serialization=True)
+    convert(str(tmp_path / "timm"), str(tmp_path / "ours.pth"), "official")
+    checkpoint = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert checkpoint["model_name"] == "vit_tiny_patch4"
+    assert_same_tensors(checkpoint["model"], theirs.state_dict())
+    ours = build_classifier("vit_tiny_patch4", 32, 3, 0.0, global_pool=False)
+    load_pretrained(ours, str(tmp_path / "timm"), head_init_std=None)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().forward_features(x), theirs.forward_features(x), rtol=0, atol=1e-6)
