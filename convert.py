@@ -25,7 +25,6 @@ existing DST.
 """
 
 import argparse
-import json
 import logging
 import os
 
@@ -104,7 +103,15 @@ def identify(state: dict, args: dict, family: str, name: str | None) -> tuple[st
     )
 
 
+def _side(size) -> int:
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
 def write_official(checkpoint: dict, state: dict, dst: str, encoder_only: bool) -> None:
+    eps = saved_args(checkpoint).get("layer_norm_eps")
+    if encoder_only and eps is not None and float(eps) != formats.OFFICIAL_EPS:
+        logger.warning("the released encoder layout has no arguments: the LayerNorm eps %g these weights need is not "
+                       "recorded (the scripts will build 1e-6); --to safetensors keeps it", eps)  # fmt: skip
     if encoder_only:
         save_atomic({"model": encoder_of(state)}, dst)
         return
@@ -135,16 +142,15 @@ def write_hf(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, en
     num_labels = int(state["head.weight"].shape[0]) if kind == "ViTForImageClassification" else 0
     config = formats.hf_config(kind, keep, args, model.blocks[0].attn.num_heads, decoder_heads, num_labels)
     _, prefix = formats.HF_CLASSES[kind]
-    formats.save_hf_folder(formats.official_to_hf(keep, prefix), config, dst)
+    extra = {}
     stats = checkpoint.get("data_stats")
     if stats:  # what HF's image processor normalises with
-        pre = {"image_mean": stats["mean"], "image_std": stats["std"], "do_normalize": True, "do_rescale": True,
-               "do_resize": True, "image_processor_type": "ViTImageProcessor", "resample": 3,
-               "rescale_factor": 1 / 255, "size": _hw(config["image_size"])}  # fmt: skip
-        text = json.dumps(pre, indent=2) + "\n"
-        from util.files import write_atomic
-
-        write_atomic(os.path.join(dst, "preprocessor_config.json"), lambda f: f.write(text.encode()))
+        extra["preprocessor_config.json"] = {
+            "image_mean": stats["mean"], "image_std": stats["std"], "do_normalize": True, "do_rescale": True,
+            "do_resize": True, "image_processor_type": "ViTImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
+            "size": _hw(config["image_size"]),
+        }  # fmt: skip
+    formats.save_hf_folder(formats.official_to_hf(keep, prefix), config, dst, extra)
     return kind
 
 
@@ -210,6 +216,9 @@ def convert(src: str, dst: str, to: str, encoder_only: bool = False, model_name:
     """Read ``src`` (any layout) and write it to ``dst`` in layout ``to``; returns what was written, in words."""
     if os.path.exists(dst):
         raise UsageError(f"{dst} exists: give a new path (nothing is written over a file or folder)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UsageError(f"the folder {parent} that would hold {dst} does not exist")
     checkpoint = load_checkpoint_file(src)
     state = {k: v for k, v in state_dict_of(checkpoint).items() if isinstance(v, torch.Tensor)}
     family = family_of_state_dict(state)
@@ -220,7 +229,15 @@ def convert(src: str, dst: str, to: str, encoder_only: bool = False, model_name:
         raise UsageError(f"{name} has no MixMIM model: --to safetensors or --to official keep MixMIM checkpoints")
     model_name = model_name or checkpoint.get("model_name") or saved_args(checkpoint).get("model")
     model_name, model = identify(state, saved_args(checkpoint), family, model_name)
-    checkpoint = {**checkpoint, "model_name": model_name}
+    heads = saved_args(checkpoint).get("num_heads")
+    if family == "mae" and heads is not None and int(heads) != model.blocks[0].attn.num_heads:
+        raise UsageError(f"{src} states {heads} attention heads; {model_name}, whose shapes its weights have, has "
+                         f"{model.blocks[0].attn.num_heads}")  # fmt: skip
+    # what the weights need that SRC may not say (the official files): the model's input size and channels
+    size = model.patch_embed.img_size
+    size = list(size) if isinstance(size, tuple | list) and size[0] != size[1] else int(_side(size))
+    args = {"input_size": size, "in_chans": int(state["patch_embed.proj.weight"].shape[1]), **saved_args(checkpoint)}
+    checkpoint = {**checkpoint, "model_name": model_name, "args": args}
     if to == "official":
         write_official(checkpoint, state, dst, encoder_only)
         what = "encoder (official layout)" if encoder_only else "official layout"

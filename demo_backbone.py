@@ -201,7 +201,7 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(True)
     if min(args.steps, args.test_scenes, args.batch_size) < 1 or args.train_scenes < args.batch_size:
         raise UsageError("--steps, --test_scenes and --batch_size must be positive, --train_scenes >= --batch_size")
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint} does not exist (run python demo.py first)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output_dir)

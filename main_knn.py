@@ -21,7 +21,14 @@ from torch.utils.data import Dataset
 
 from model_table import build_classifier, check_buildable, resolve_classifier_name
 from util.amp import resolve_amp
-from util.checkpoint import checkpoint_grid, load_checkpoint_file, load_pretrained_state, saved_args, state_dict_of
+from util.checkpoint import (
+    check_stated_heads,
+    checkpoint_grid,
+    load_checkpoint_file,
+    load_pretrained_state,
+    saved_args,
+    state_dict_of,
+)
 from util.cli import add_input_size_arg, add_runtime_args, check_input_paths, log_args, resolve_input_size, run_cli
 from util.data_stats import add_data_args, check_data_args
 from util.datasets import eval_transform, image_folder, train_folder_and_stats
@@ -92,6 +99,7 @@ def build_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
     eps = saved_args(checkpoint).get("layer_norm_eps")  # weights from Hugging Face state theirs
     model = build_classifier(args.model_name, args.input_size, 1, 0.0, global_pool, device, args.in_chans, eps)
     if args.finetune:
+        check_stated_heads(model, checkpoint, args.finetune)
         load_pretrained_state(model, state, args.finetune, head_init_std=None, grid=checkpoint_grid(checkpoint))
     layers = len(model.feature_info)  # ViT: its blocks, MixMIM: its stages
     if args.layer is not None and not 0 <= args.layer < layers:

@@ -35,6 +35,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from model_table import family_of, resolve_classifier_name
 from util.checkpoint import (
     PATCH_EMBED_WEIGHT,
+    check_stated_heads,
     checkpoint_grid,
     load_checkpoint_file,
     load_pretrained_state,
@@ -161,5 +162,6 @@ def detection_backbone(
         kwargs.update(dynamic_img_size=True, global_pool=True)
     encoder = timm.create_model(name, **kwargs)
     if checkpoint:  # what timm's pretrained_cfg file loading does, with the checkpoint's grid and read once
+        check_stated_heads(encoder, loaded, checkpoint)
         load_pretrained_state(encoder, state, checkpoint, head_init_std=None, grid=grid)
     return SimpleFeaturePyramid(encoder, out_channels) if vit else StageFeaturePyramid(encoder, out_channels)

@@ -48,7 +48,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from models_mae import drop_timm_kwargs, init_weights_xavier
-from util.checkpoint import load_pretrained_state, state_dict_of
+from util.checkpoint import load_pretrained_state, read_overlay_file, state_dict_of
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -787,6 +787,7 @@ def _check_pretrained(pretrained: bool) -> None:
 
 def _mixmim(pretrained: bool, overrides: dict, **arch) -> MixMIM:
     _check_pretrained(pretrained)
+    overrides = {k: v for k, v in overrides.items() if k != "layer_norm_eps"}  # only ViT weights state one
     return MixMIM(**{**arch, **drop_timm_kwargs(overrides)})
 
 
@@ -801,6 +802,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 
 def _classifier(variant: str, pretrained: bool, overrides: dict, **arch) -> MixMIMClassifier:
+    if pretrained:  # the overlay's file read by content (util/checkpoint.py)
+        overrides = {k: v for k, v in read_overlay_file(overrides).items() if k != "layer_norm_eps"}
     return build_model_with_cfg(
         MixMIMClassifier,
         variant,

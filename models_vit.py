@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import vision_transformer as timm_vit
 
 from util import formats
-from util.checkpoint import load_pretrained_state, state_dict_of
+from util.checkpoint import load_pretrained_state, read_overlay_file, state_dict_of
 
 __all__ = ["VisionTransformer", "checkpoint_filter_fn"]
 
@@ -116,7 +116,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _vit(variant: str, pretrained: bool, overrides: dict, **arch) -> VisionTransformer:
-    kwargs = {"qkv_bias": True, **arch, **overrides}
+    kwargs = {"qkv_bias": True, **arch, **(read_overlay_file(overrides) if pretrained else overrides)}
     # the official LayerNorm eps is 1e-6; weights from Hugging Face state theirs (its ViT default: 1e-12)
     kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=kwargs.pop("layer_norm_eps", None) or 1e-6))
     return build_model_with_cfg(

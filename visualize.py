@@ -28,7 +28,7 @@ import torch.nn as nn
 from PIL import Image
 
 from model_table import build_pretrain_model, family_defaults, family_of, pretrain_overrides, resolve_pretrain_name
-from util.checkpoint import load_checkpoint_file, load_model_strict, saved_args, state_dict_of
+from util.checkpoint import check_stated_heads, load_checkpoint_file, load_model_strict, saved_args, state_dict_of
 from util.cli import input_size_value
 from util.datasets import load_tensor
 from util.errors import UsageError
@@ -119,6 +119,7 @@ def load_pretrain_checkpoint(
         size = model_input_size(timm.create_model(model_name, **kwargs))
     size = input_size_value(size)  # a side, or [H, W]
     model = build_pretrain_model(model_name, size, torch.device(device), **kwargs)
+    check_stated_heads(model, checkpoint, path)
     load_model_strict(model, state_dict_of(checkpoint), path)
     model.data_stats = checkpoint.get("data_stats")  # the statistics it was trained with (ours), or None
     logger.info("loaded %s (%s, %s, %d channels, norm_pix_loss=%s, mask_type=%s)", path, model_name, size,

@@ -429,3 +429,108 @@ def test_a_folder_timm_writes_is_read_here(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval().forward_features(x), theirs.forward_features(x), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- what does not fit, in one line
+
+
+def test_an_official_training_checkpoint_with_a_namespace(tmp_path: Path) -> None:
+    """The official scripts pickle their arguments as a Namespace; the official release files state no input size:
+    the metadata then takes the model's."""
+    import argparse
+
+    ours = build_pretrain_model("mae_vit_tiny_patch4", 32)
+    args = argparse.Namespace(model="mae_vit_tiny_patch4", norm_pix_loss=True)
+    torch.save({"model": ours.state_dict(), "args": args}, tmp_path / "official.pth")
+    torch.save({"model": ours.state_dict()}, tmp_path / "release.pth")
+    for name in ("official", "release"):
+        convert(str(tmp_path / f"{name}.pth"), str(tmp_path / f"{name}.safetensors"), "safetensors")
+        read = load_checkpoint_file(tmp_path / f"{name}.safetensors")
+        assert read["model_name"] == "mae_vit_tiny_patch4"
+        assert read["args"]["input_size"] == 32 and read["args"]["in_chans"] == 3
+    assert load_checkpoint_file(tmp_path / "official.safetensors")["args"]["norm_pix_loss"] is True
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("num_hidden_layers", 12, "config.json says num_hidden_layers 12, its weights have 6"),
+        ("image_size", 224, r"config.json says image_size \(tokens\) 3137, its weights have 65"),
+        ("decoder_hidden_size", 256, "config.json says decoder_hidden_size 256, its weights have 128"),
+        (
+            "num_attention_heads",
+            6,
+            "states 6 attention heads; mae_vit_tiny_patch4, whose shapes its weights have, has 3",
+        ),
+        ("image_size", "abc", "config.json has a missing or malformed setting"),
+    ],
+)
+def test_a_config_that_does_not_fit_its_weights(tmp_path: Path, setting: str, value, message: str) -> None:
+    hf_mae(False).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, setting: value}))
+    with pytest.raises(UsageError, match=message):
+        convert(str(tmp_path / "hf"), str(tmp_path / "x.pth"), "official")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_the_scripts_refuse_weights_with_other_heads(tmp_path: Path) -> None:
+    config = transformers.ViTConfig(**{**TINY_HF, "num_attention_heads": 6}, num_labels=2)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
+    model = build_classifier("vit_tiny_patch4", 32, 2, 0.0, global_pool=False)
+    with pytest.raises(UsageError, match="states 6 attention heads, the model has 3: choose the --model with 6"):
+        load_pretrained(model, str(tmp_path / "hf"))
+
+
+def test_folders_that_are_no_model(tmp_path: Path) -> None:
+    hf_mae(False).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="config.json holds a JSON list, not an object of settings"):
+        load_checkpoint_file(tmp_path / "hf")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(UsageError, match=r"pytorch_model.bin cannot be read as weights"):
+        load_checkpoint_file(tmp_path / "bin")
+    with pytest.raises(UsageError, match="that would hold .* does not exist"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "no" / "such.pth"), "official")
+
+
+def test_a_sharded_folder_reads_as_the_single_file(tmp_path: Path) -> None:
+    hf = hf_mae(True)
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert_same_tensors(
+        state_dict_of(load_checkpoint_file(tmp_path / "sharded")), state_dict_of(load_checkpoint_file(tmp_path / "one"))
+    )
+
+
+def test_a_failed_write_leaves_no_folder(tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+
+    src = checkpoints(tmp_path)["mae"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        convert(str(src), str(tmp_path / "hf"), "hf")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == []
+
+
+def test_timm_overlay_files_are_read_by_content(tmp_path: Path) -> None:
+    """timm itself picks a reader by the file name; this project's models read the overlay's file by content."""
+    hf_mae(False, eps=1e-12).save_pretrained(tmp_path / "hf")
+    src = checkpoints(tmp_path)["mixmim_ft"]
+    convert(str(src), str(tmp_path / "mixmim.weights"), "safetensors")  # no .safetensors suffix
+    expected = state_dict_of(load_checkpoint_file(tmp_path / "hf"))
+    vit = timm.create_model("vit_tiny_patch4", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "hf")))
+    assert torch.equal(vit.state_dict()["blocks.1.attn.qkv.bias"], expected["blocks.1.attn.qkv.bias"])
+    assert vit.blocks[0].norm1.eps == 1e-12
+    mixmim = timm.create_model(
+        "mixmim_tiny_ft", img_size=64, num_classes=5, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "mixmim.weights")),
+    )  # fmt: skip
+    assert_same_tensors(mixmim.state_dict(), torch.load(src, weights_only=True)["model"])

@@ -261,6 +261,9 @@ def resolve_resume(args: argparse.Namespace) -> None:
     path = Path(args.resume)
     if path.is_file() or (path / "config.json").is_file():  # a checkpoint, or a Hugging Face / timm folder
         return
+    if path.is_dir():
+        raise UsageError(f"--resume {args.resume} is a folder without a config.json: give a checkpoint file, a "
+                         "Hugging Face / timm model folder, or --resume auto with --output_dir")  # fmt: skip
     if args.output_dir and path.parent.resolve() == Path(args.output_dir).resolve():
         remove_stale_temp_files(args.output_dir)
         found = find_resume_checkpoint(args.output_dir)
@@ -334,6 +337,7 @@ def load_resume(
     if not args.resume:
         return None
     checkpoint = load_checkpoint_file(args.resume)
+    check_stated_heads(model, checkpoint, args.resume)
     load_model_strict(unwrap(model), state_dict_of(checkpoint), args.resume)
     saved_mask, own_mask = saved_args(checkpoint).get("mask_type"), getattr(unwrap(model), "mask_type", None)
     if saved_mask and own_mask and saved_mask != own_mask:  # the weights fit either way: say it, not train on
@@ -406,6 +410,34 @@ def saved_norm_eps(*paths: str) -> float | None:
     return None
 
 
+def read_overlay_file(kwargs: dict) -> dict:
+    """A timm factory's keywords with ``pretrained_cfg_overlay=dict(file=...)`` read by content here (timm picks its
+    reader by the file name, and reads no folder): the file's weights become the overlay's ``state_dict`` (timm's
+    own pass-through), and the LayerNorm eps they state a ``layer_norm_eps`` keyword unless one is given."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if not overlay.get("file") or "state_dict" in overlay:
+        return kwargs
+    checkpoint = load_checkpoint_file(overlay["file"])
+    out = {**kwargs, "pretrained_cfg_overlay": {**overlay, "state_dict": state_dict_of(checkpoint)}}
+    eps = saved_args(checkpoint).get("layer_norm_eps")
+    if eps is not None:
+        out.setdefault("layer_norm_eps", float(eps))
+    return out
+
+
+def check_stated_heads(model: nn.Module, checkpoint: dict, source: str) -> None:
+    """Weights whose config states their attention heads (Hugging Face's ``num_attention_heads``, kept in the
+    arguments as ``num_heads``) go into a model with as many: the shapes do not tell heads apart."""
+    stated = saved_args(checkpoint).get("num_heads")
+    blocks = getattr(unwrap(model), "blocks", None)
+    if stated is None or not blocks:
+        return
+    own = blocks[0].attn.num_heads
+    if int(stated) != own:
+        raise UsageError(f"{source} states {stated} attention heads, the model has {own}: choose the --model with "
+                         f"{stated}")  # fmt: skip
+
+
 def checkpoint_grid(checkpoint: dict) -> tuple[int, int] | None:
     """The patch grid (Gh, Gw) of a ViT / MAE checkpoint that records its input size (ours, in ``args``), from that
     size and its patch embedding's patch; None when it does not say."""
@@ -458,6 +490,7 @@ def load_pretrained(
     fits is loaded and the rest reported; a checkpoint without a decoder leaves the model's decoder as initialised.
     """
     checkpoint = load_checkpoint_file(path)
+    check_stated_heads(model, checkpoint, path)
     grid = checkpoint_grid(checkpoint)
     return load_pretrained_state(model, state_dict_of(checkpoint), path, head_init_std, classifier, grid)
 

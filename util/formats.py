@@ -16,9 +16,11 @@ from it (``convert.py``).
 Everything here is key names and ``config.json``: no model is built, and ``transformers`` is not needed.
 """
 
+import argparse
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -111,6 +113,22 @@ def read_saved_args(path: str) -> dict | None:
     return read_saved_args(str(folder.parent)) if config.is_file() else {}
 
 
+def _load_weights_file(weights: Path) -> dict[str, torch.Tensor]:
+    """One weights file of a model folder: safetensors, or a ``pytorch_model.bin`` of plain tensors."""
+    if not weights.is_file():
+        raise UsageError(f"{weights}, named by the folder's index, does not exist")
+    if weights.suffix == ".safetensors":
+        return _load_safetensors(str(weights))[0]
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn, or pickling more than tensors: the first line of torch's reason
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise UsageError(f"{weights} cannot be read as weights ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{weights} holds a {type(state).__name__}, not a dict of weights")
+    return state
+
+
 def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -123,25 +141,31 @@ def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable config.json ({e})") from None
+        raise UsageError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 def _read_folder(path: str) -> dict:
     folder = Path(path)
     config_file = folder / "config.json"
-    weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
-    if not config_file.is_file() or weights is None:
+    files = [folder / n for n in _WEIGHT_FILES if (folder / n).is_file()][:1]
+    index = next((folder / f"{n}.index.json" for n in _WEIGHT_FILES if (folder / f"{n}.index.json").is_file()), None)
+    if not files and index is not None:  # a sharded checkpoint: the index maps each weight to its file
+        shards = _read_json(index).get("weight_map", {})
+        files = [folder / name for name in sorted(set(shards.values()))]
+    if not config_file.is_file() or not files:
         raise UsageError(
             f"{path} is a folder, but not a Hugging Face or timm model folder (config.json with model.safetensors or "
             f"pytorch_model.bin); give a checkpoint file or such a folder"
         )
     config = _read_json(config_file)
-    if weights.suffix == ".safetensors":
-        state, _ = _load_safetensors(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {}
+    for weights in files:
+        state.update(_load_weights_file(weights))
     if "architecture" in config and not is_hf_state(state):  # timm's hub folder: the official keys
         return _checkpoint_from_timm(state, config)
     checkpoint = _checkpoint_from_hf(state, config, path)
@@ -160,8 +184,9 @@ def save_safetensors(checkpoint: dict, path: str) -> None:
     written atomically."""
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous() for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
+    state = _plain(checkpoint["model"])
     args = checkpoint.get("args") or {}
+    args = vars(args) if isinstance(args, argparse.Namespace) else args  # the official scripts pickle a Namespace
     stats = checkpoint.get("data_stats") or {}
     metadata = {"format": METADATA_FORMAT, "args": json.dumps(args, default=str)}
     fields = {
@@ -175,6 +200,11 @@ def save_safetensors(checkpoint: dict, path: str) -> None:
     metadata.update({k: json.dumps(v) for k, v in fields.items() if v is not None})
     data = save(state, metadata=metadata)
     write_atomic(path, lambda f: f.write(data))
+
+
+def _plain(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict as safetensors takes them: detached, contiguous, none sharing storage."""
+    return {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _checkpoint_from_metadata(state: dict, metadata: dict) -> dict:
@@ -240,11 +270,13 @@ def is_hf_state(state: dict) -> bool:
 
 def hf_to_official(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """A Hugging Face ViT / ViTMAE state dict with the official key names; query / key / value joined into ``qkv``.
-    A key of another model (a pooler, ...) is a one-line error."""
+    ``ViTModel``'s pooler is left out (MAE has none); a key of another model is a one-line error."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name = key.removeprefix("vit.")
+        if name.startswith("pooler."):  # ViTModel's pooler (dense + tanh on the cls token): MAE has none
+            continue
         if name in _HF_PLAIN:
             out[_HF_PLAIN[name]] = value
             continue
@@ -324,12 +356,45 @@ def _checkpoint_from_hf(state: dict, config: dict, source: str) -> dict:
     hidden, intermediate = config.get("hidden_size"), config.get("intermediate_size")
     if hidden and intermediate and intermediate != 4 * hidden:
         raise UsageError(f"{source}: intermediate_size {intermediate} is not 4 x hidden_size {hidden} (mlp ratio 4)")
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # ViTModel's pooler: no counterpart
     model = hf_to_official(state, source)
-    args = _hf_args(config)
+    try:
+        args = _hf_args(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(
+            f"{source}: config.json has a missing or malformed setting ({type(e).__name__}: {e})"
+        ) from None
     if "decoder_embed.weight" not in model:
         args = {k: v for k, v in args.items() if not k.startswith("decoder_")}
+    _check_config(model, config, args, source)
     return {"model": model, "args": args}
+
+
+def _check_config(model: dict, config: dict, args: dict, source: str) -> None:
+    """The sizes ``config.json`` states against those of its weights: one line for the first that differs."""
+    patch = model.get("patch_embed.proj.weight")
+    if patch is None or "pos_embed" not in model:
+        raise UsageError(f"{source}: no patch embedding or position embedding among the weights")
+    h, w = (args["input_size"],) * 2 if isinstance(args["input_size"], int) else args["input_size"]
+    p = int(config.get("patch_size", patch.shape[-1]))
+    checks = [
+        ("hidden_size", config.get("hidden_size"), int(patch.shape[0])),
+        ("num_hidden_layers", config.get("num_hidden_layers"), _count(model, "blocks.")),
+        ("patch_size", p, int(patch.shape[-1])),
+        ("num_channels", args["in_chans"], int(patch.shape[1])),
+        ("image_size (tokens)", (h // p) * (w // p) + 1, int(model["pos_embed"].shape[1])),
+    ]
+    if "decoder_embed.weight" in model:
+        checks += [
+            ("decoder_hidden_size", args.get("decoder_embed_dim"), int(model["decoder_embed.weight"].shape[0])),
+            ("decoder_num_hidden_layers", args.get("decoder_depth"), _count(model, "decoder_blocks.")),
+        ]
+    for name, stated, found in checks:
+        if stated is not None and int(stated) != found:
+            raise UsageError(f"{source}: config.json says {name} {stated}, its weights have {found}")
+
+
+def _count(model: dict, prefix: str) -> int:
+    return len({k.split(".")[1] for k in model if k.startswith(prefix)})
 
 
 def _hf_args(config: dict) -> dict:
@@ -339,6 +404,7 @@ def _hf_args(config: dict) -> dict:
         "input_size": list(size) if isinstance(size, list | tuple) else int(size),
         "in_chans": int(config.get("num_channels", 3)),
         "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "num_heads": int(config.get("num_attention_heads", 0)) or None,
     }
     if config.get("model_type") == "vit_mae":
         args.update(norm_pix_loss=bool(config.get("norm_pix_loss", False)), mask_ratio=config.get("mask_ratio", 0.75))
@@ -390,15 +456,21 @@ def hf_config(kind: str, model: dict, args: dict, heads: int, decoder_heads: int
     return config
 
 
-def save_hf_folder(state: dict, config: dict, folder: str) -> None:
-    """``config.json`` and ``model.safetensors`` in ``folder`` (``save_pretrained``'s layout), written atomically."""
-    from safetensors.torch import save
+def save_hf_folder(state: dict, config: dict, folder: str, extra: dict[str, dict] | None = None) -> None:
+    """``config.json`` and ``model.safetensors`` (``save_pretrained``'s layout), and ``extra`` JSON files by name, in
+    a new ``folder``: written into a temporary folder beside it, which is renamed to ``folder`` when complete."""
+    from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    data = save({k: v.detach().contiguous() for k, v in state.items()}, metadata={"format": "pt"})
-    write_atomic(os.path.join(folder, "model.safetensors"), lambda f: f.write(data))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    write_atomic(os.path.join(folder, "config.json"), lambda f: f.write(text.encode()))
+    tmp = Path(f"{folder}.tmp.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_plain(state), tmp / "model.safetensors", metadata={"format": "pt"})
+        for name, value in {"config.json": config, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- timm
