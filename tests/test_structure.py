@@ -14,7 +14,8 @@ from util import faults
 from util.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_knn.py", "visualize.py"]
+SCRIPTS = ["main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_knn.py", "main_segment.py", "visualize.py",
+           "convert.py"]  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -23,11 +24,11 @@ def test_entry_scripts_import_no_other_script(script: str) -> None:
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     scripts = {p.stem for p in ROOT.glob("*.py")} - MODEL_FILES
-    scripts -= {"engine_pretrain", "engine_finetune"}  # the engines are modules, imported by the scripts
+    scripts -= {"engine_pretrain", "engine_finetune", "engine_segment"}  # the engines are modules, imported by scripts
     assert not imported & scripts, f"{script} imports {sorted(imported & scripts)}"
 
 
-MODEL_FILES = {"models_mae", "models_vit", "models_mixmim", "models_backbone", "model_table"}
+MODEL_FILES = {"models_mae", "models_vit", "models_mixmim", "models_backbone", "models_segment", "model_table"}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -46,8 +47,8 @@ def test_util_imports_no_model_file(path: Path) -> None:
 
 
 def test_the_model_files_import_each_other_only_downwards() -> None:
-    """models_mae <- models_vit, models_mixmim <- model_table <- models_backbone: no circle."""
-    order = ["models_mae", "models_vit", "models_mixmim", "model_table", "models_backbone"]
+    """models_mae <- models_vit, models_mixmim <- model_table <- models_backbone, models_segment: no circle."""
+    order = ["models_mae", "models_vit", "models_mixmim", "model_table", "models_backbone", "models_segment"]
     for i, name in enumerate(order):
         later = {m for m in _imported_modules(ROOT / f"{name}.py") if m in order[i:]}
         assert not later, f"{name}.py imports {sorted(later)}, which sit above it"
