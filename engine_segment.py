@@ -46,8 +46,11 @@ class SegmentationLoss(nn.Module):
         self.aux_weight, self.ignore_index = aux_weight, ignore_index
 
     def head_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none").mean()
+        # in fp32, as mmseg's losses (force_fp32): a bf16 upsampling would round the logits first
+        logits = F.interpolate(
+            logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
+        )  # (B, K, H, W)
+        return F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none").mean()
 
     def forward(self, outputs: tuple[torch.Tensor, torch.Tensor | None], target: torch.Tensor) -> torch.Tensor:
         logits, aux = outputs

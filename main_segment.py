@@ -29,6 +29,7 @@ from util.errors import UsageError
 from util.files import append_log_line, check_output_dir
 from util.run import open_outputs, start_run
 from util.seg_datasets import (
+    IGNORE_INDEX,
     EvalPipeline,
     SegmentationFolder,
     TrainPipeline,
@@ -182,6 +183,21 @@ def check_args(args: argparse.Namespace) -> None:
     if args.eval and args.finetune:
         raise UsageError(f"--eval evaluates the --resume checkpoint and would not load --finetune {args.finetune}: "
                          "pass a trained segmentation checkpoint as --resume")  # fmt: skip
+    if args.nb_classes >= IGNORE_INDEX:
+        raise UsageError(f"--nb_classes {args.nb_classes}: at most {IGNORE_INDEX - 1}, since label {IGNORE_INDEX} is "
+                         "the ignored one")  # fmt: skip
+    if args.head_channels is not None and args.head_channels < 1:
+        raise UsageError(f"--head_channels must be at least 1, got {args.head_channels}")
+    if not args.lr > 0 or not 0 <= args.min_lr <= args.lr:
+        raise UsageError(f"--lr must be positive and --min_lr in [0, --lr], got {args.lr} and {args.min_lr}")
+    if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or args.weight_decay < 0:
+        raise UsageError(f"--layer_decay must be in (0, 1], --drop_path in [0, 1) and --weight_decay >= 0, got "
+                         f"{args.layer_decay}, {args.drop_path} and {args.weight_decay}")  # fmt: skip
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise UsageError(f"--clip_grad must be positive, got {args.clip_grad}")
+    if not args.eval and args.batch_size < 2 and not (args.distributed and args.device.startswith("cuda")):
+        raise UsageError(f"--batch_size {args.batch_size}: UperNet's BatchNorm needs at least 2 crops per process "
+                         "(per step on GPUs, where SyncBatchNorm pools the processes)")  # fmt: skip
     if args.warmup_iters < 0 or not 0 < args.warmup_ratio <= 1:
         raise UsageError(f"--warmup_iters must be >= 0 and --warmup_ratio in (0, 1], got {args.warmup_iters} and "
                          f"{args.warmup_ratio}")  # fmt: skip

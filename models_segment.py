@@ -377,6 +377,11 @@ def build_segmenter(
         vit = model_table.build_classifier(
             name, input_size, 0, drop_path, global_pool=True, in_chans=in_chans, layer_norm_eps=layer_norm_eps
         )
+        patch = vit.patch_embed.patch_size[0]
+        sides = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)
+        if any(side % (2 * patch) for side in sides):  # the grid halves for the stride-32 level
+            raise UsageError(f"crop {'x'.join(map(str, sides))}: the ViT pyramid needs a multiple of twice the patch "
+                             f"size, {2 * patch}")  # fmt: skip
         backbone = ViTPyramid(vit, out_indices, rel_pos_bias)
         channels = channels or vit.embed_dim
     else:
@@ -485,7 +490,7 @@ def whole_inference(model: nn.Module, img: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, K, H, W) logits: the model's, upsampled bilinearly (align_corners=False), as mmseg's
     ``whole`` mode."""
     logits = model(img)[0]
-    return _resize(logits, img.shape[-2:])
+    return _resize(logits.float(), img.shape[-2:])  # in fp32 under autocast, as mmseg's inference
 
 
 @torch.no_grad()

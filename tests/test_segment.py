@@ -515,6 +515,13 @@ def _break(data: Path, what: str) -> None:
         (None, dict(eval_freq=0), "--eval_freq must be at least 1, got 0"),
         (None, dict(eval=True, finetune=__file__), "--eval evaluates the --resume checkpoint"),
         (None, dict(model="mixmim_tiny", input_size=40), "--model mixmim_tiny_ft cannot be built for --input_size 40"),
+        (None, dict(input_size=36), "crop 36x36: the ViT pyramid needs a multiple of twice the patch size, 8"),
+        (None, dict(nb_classes=255), "--nb_classes 255: at most 254, since label 255 is the ignored one"),
+        (None, dict(batch_size=1), "--batch_size 1: UperNet's BatchNorm needs at least 2 crops per process"),
+        (None, dict(lr=-1), r"--lr must be positive and --min_lr in \[0, --lr\]"),
+        (None, dict(layer_decay=1.5), r"--layer_decay must be in \(0, 1\]"),
+        (None, dict(head_channels=0), "--head_channels must be at least 1, got 0"),
+        (None, dict(clip_grad=0), "--clip_grad must be positive, got 0"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(tmp_path: Path, what, overrides: dict, message: str) -> None:
