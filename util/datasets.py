@@ -219,18 +219,12 @@ class CollateSkippingBad:
         return images, targets, bad
 
 
-class CheckedLoader:
-    """Iterates a DataLoader over ``CheckedImages`` and yields ``(images, targets)``.
+class LoaderWrapper:
+    """A DataLoader whose batches pass through ``_batches``; ``sampler``, ``dataset`` and ``len()`` are the
+    DataLoader's."""
 
-    Unreadable files: ``BadImageError`` at the first one, or with ``skip`` a warning the first time each file is
-    met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass.
-    ``sampler``, ``dataset`` and ``len()`` are the DataLoader's.
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, skip: bool, what: str):
-        self.loader, self.skip, self.what = loader, skip, what
-        self.skipped = 0
-        self._ever_skipped: set[str] = set()
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
 
     @property
     def sampler(self):
@@ -243,10 +237,28 @@ class CheckedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator:
         # the DataLoader's iterator now, not at the first batch: creating it draws a seed from torch's RNG, and
         # an epoch resumed inside restores the RNG states right after that (util/preemption.py)
         return self._batches(iter(self.loader))
+
+    def _batches(self, batches: Iterator) -> Iterator:
+        return batches
+
+
+class CheckedLoader(LoaderWrapper):
+    """Iterates a DataLoader over ``CheckedImages`` and yields ``(images, targets)``.
+
+    Unreadable files: ``BadImageError`` at the first one, or with ``skip`` a warning the first time each file is
+    met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass.
+    ``sampler``, ``dataset`` and ``len()`` are the DataLoader's.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, skip: bool, what: str):
+        super().__init__(loader)
+        self.skip, self.what = skip, what
+        self.skipped = 0
+        self._ever_skipped: set[str] = set()
 
     def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         this_pass: set[str] = set()

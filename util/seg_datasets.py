@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.datasets import LoaderWrapper
 from util.dist import get_rank, get_world_size
 from util.errors import UsageError
 from util.seeding import image_seed, seed_worker
@@ -365,28 +366,9 @@ def collate_or_problem(items: list):
     return default_collate(items)
 
 
-class SegmentationLoader:
+class SegmentationLoader(LoaderWrapper):
     """A DataLoader over a ``SegmentationFolder`` that raises a ``SampleProblem``'s message as a ``UsageError`` in
     the main process; ``sampler``, ``dataset`` and ``len()`` are the DataLoader's."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader):
-        self.loader = loader
-
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    @property
-    def dataset(self):
-        return self.loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        # the DataLoader's iterator now: creating it draws a seed from torch's RNG, and an epoch resumed inside
-        # restores the RNG states right after that (util/preemption.py)
-        return self._batches(iter(self.loader))
 
     @staticmethod
     def _batches(batches: Iterator) -> Iterator:
