@@ -110,7 +110,10 @@ def train_one_epoch(
     batches = control.batches(data_loader) if control is not None else data_loader
     params = [p for p in model.parameters() if p.requires_grad]
 
-    metrics = StepMetrics(metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "loss", control)
+    metrics = StepMetrics(
+        metric_logger, device, epoch, steps, args.print_freq, args.amp, log_writer, "loss", control,
+        x_axis=lambda step: first_iter + (step + 1) // accum_iter,  # iterations done, as the evaluation's scalars
+    )  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     kill_at = faults.step_killer()
     images_per_step = args.batch_size * get_world_size()

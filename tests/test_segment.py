@@ -484,6 +484,20 @@ def test_a_pretraining_checkpoint_fine_tunes_and_evaluates(tmp_path: Path, pretr
     assert line["test_mIoU"] == pytest.approx(stats["mIoU"]) and line["checkpoint"] == str(out / "checkpoint-0.pth")
 
 
+def test_tensorboard_counts_iterations(tmp_path: Path) -> None:
+    """Training scalars at the iterations done (accumulated steps counted once), the evaluation's at the epoch's
+    last iteration: one x axis for both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_ade_folder(tmp_path / "data", train=4, val=1)
+    out = tmp_path / "out"
+    main_segment.main(parse(main_segment.get_args_parser(), **flags(data, out, accum_iter=2)))
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("perf/test_mIoU")] == [2, 4]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -180,9 +180,13 @@ class StepMetrics:
         log_writer: "SummaryWriter | None" = None,
         loss_tag: str = "train_loss",
         control=None,
+        x_axis: Callable[[int], int] | None = None,
     ):
-        """``control``: an ``util.preemption.EpochControl`` whose flags (stop, save) ride on the loss all-reduce."""
+        """``control``: an ``util.preemption.EpochControl`` whose flags (stop, save) ride on the loss all-reduce.
+        ``x_axis``: a step's x value in TensorBoard (default: epoch * 1000, which lines up curves of runs with
+        different batch sizes; segmentation counts iterations)."""
         self.metric_logger, self.device, self.log_writer, self.loss_tag = metric_logger, device, log_writer, loss_tag
+        self.x_axis = x_axis or (lambda step: int((step / self.steps + self.epoch) * 1000))
         self.epoch, self.steps, self.print_freq, self.amp = epoch, steps, print_freq, amp
         self.control = control
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float, bool]] = []
@@ -226,11 +230,10 @@ class StepMetrics:
             if norm_value is not None and math.isfinite(norm_value):
                 self.metric_logger.update(grad_norm=norm_value)
             if self.log_writer is not None and update:
-                # x axis: epoch * 1000, which lines up curves of runs with different batch sizes
-                epoch_1000x = int((step / self.steps + self.epoch) * 1000)
-                self.log_writer.add_scalar(self.loss_tag, reduced_v[i], epoch_1000x)
-                self.log_writer.add_scalar("lr", lr, epoch_1000x)
+                x = self.x_axis(step)
+                self.log_writer.add_scalar(self.loss_tag, reduced_v[i], x)
+                self.log_writer.add_scalar("lr", lr, x)
                 if norm_value is not None:
-                    self.log_writer.add_scalar("grad_norm", norm_value, epoch_1000x)
+                    self.log_writer.add_scalar("grad_norm", norm_value, x)
         if self.control is not None:
             self.control.agree(flag_v)
