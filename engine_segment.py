@@ -24,6 +24,7 @@ from util import faults
 from util.amp import autocast
 from util.dist import get_world_size, is_dist_avail_and_initialized, is_main_process, maybe_no_sync
 from util.files import write_text_atomic
+from util.lr_sched import adjust_learning_rate_poly
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
 from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch, stop_if_preempted
@@ -58,24 +59,6 @@ class SegmentationLoss(nn.Module):
         if aux is not None:
             loss = loss + self.aux_weight * self.head_loss(aux, target)
         return loss
-
-
-def poly_lr(it: int, lr: float, min_lr: float, warmup_iters: int, warmup_ratio: float, iters: int) -> float:
-    """mmcv's ``poly`` policy (power 1) with linear warmup at iteration ``it`` (0-based): ``(lr - min_lr) * (1 -
-    it / iters) + min_lr``, times ``1 - (1 - it / warmup_iters) * (1 - warmup_ratio)`` during the warmup."""
-    regular = (lr - min_lr) * (1 - it / iters) + min_lr
-    if it < warmup_iters:
-        return regular * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio))
-    return regular
-
-
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, it: int, args: argparse.Namespace) -> float:
-    """Each group's lr at iteration ``it``: ``poly_lr`` from its own base lr, ``--lr`` times its ``lr_scale`` (layer
-    decay), as mmcv schedules each group from its initial lr. Returns the unscaled lr."""
-    for group in optimizer.param_groups:
-        base = args.lr * group.get("lr_scale", 1.0)
-        group["lr"] = poly_lr(it, base, args.min_lr, args.warmup_iters, args.warmup_ratio, args.iters)
-    return poly_lr(it, args.lr, args.min_lr, args.warmup_iters, args.warmup_ratio, args.iters)
 
 
 def epoch_iters(args: argparse.Namespace, epoch: int) -> tuple[int, int]:
@@ -123,7 +106,7 @@ def train_one_epoch(
         if kill_at is not None:  # tests only (MAE_FAULT_INJECT): the global step, as the epochs were all full
             kill_at(epoch * args.eval_freq * accum_iter + step)
         if step % accum_iter == 0:
-            adjust_learning_rate(optimizer, first_iter + step // accum_iter, args)
+            adjust_learning_rate_poly(optimizer, first_iter + step // accum_iter, args)
         max_lr = max(group["lr"] for group in optimizer.param_groups)
         samples = samples.to(device, non_blocking=True)  # (B, 3, S, S)
         targets = targets.to(device, non_blocking=True)  # (B, S, S)

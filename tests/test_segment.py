@@ -31,6 +31,7 @@ import engine_segment  # noqa: E402
 import main_segment  # noqa: E402
 from model_table import build_pretrain_model  # noqa: E402
 from models_segment import build_segmenter  # noqa: E402
+from util import lr_sched  # noqa: E402
 from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.errors import Preempted, UsageError  # noqa: E402
 from util.preemption import SIGNALS  # noqa: E402
@@ -261,14 +262,14 @@ def test_poly_schedule_with_linear_warmup_is_mmcvs() -> None:
     """lr (1 - it / iters) after the warmup; during it, that times 1 - (1 - it / W)(1 - ratio); per group from its
     own base lr (lr x lr_scale)."""
     args = argparse.Namespace(lr=1e-4, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000)
-    assert engine_segment.poly_lr(0, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(1e-10)
-    assert engine_segment.poly_lr(750, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(
+    assert lr_sched.poly_lr(0, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(1e-10)
+    assert lr_sched.poly_lr(750, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(
         1e-4 * (1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6))
     )
-    assert engine_segment.poly_lr(80000, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(5e-5)
-    assert engine_segment.poly_lr(80000, 1e-4, 1e-6, 1500, 1e-6, 160000) == pytest.approx(5e-5 + 5e-7)
+    assert lr_sched.poly_lr(80000, 1e-4, 0.0, 1500, 1e-6, 160000) == pytest.approx(5e-5)
+    assert lr_sched.poly_lr(80000, 1e-4, 1e-6, 1500, 1e-6, 160000) == pytest.approx(5e-5 + 5e-7)
     optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1.0)
-    assert engine_segment.adjust_learning_rate(optimizer, 80000, args) == pytest.approx(5e-5)
+    assert lr_sched.adjust_learning_rate_poly(optimizer, 80000, args) == pytest.approx(5e-5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-5)
 
 
