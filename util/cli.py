@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from util.dist import cleanup, is_dist_avail_and_initialized
+from util.dist import barrier, cleanup, is_dist_avail_and_initialized
 from util.errors import NonFiniteLossError, Preempted, UsageError
 from util.files import write_text_atomic
 
@@ -193,6 +193,7 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)  # at once: leaving the group, or its destructor at exit, would wait for (or abort on) the lost peer
+    barrier()  # every rank is done with its collectives before any leaves the group
     cleanup()
 
 
