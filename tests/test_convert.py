@@ -534,3 +534,19 @@ def test_timm_overlay_files_are_read_by_content(tmp_path: Path) -> None:
         pretrained_cfg_overlay=dict(file=str(tmp_path / "mixmim.weights")),
     )  # fmt: skip
     assert_same_tensors(mixmim.state_dict(), torch.load(src, weights_only=True)["model"])
+
+
+def test_a_torn_safetensors_file_is_one_line_for_the_scripts(tmp_path: Path) -> None:
+    """The scripts read a checkpoint's eps and statistics from its header before its weights: a torn file is one
+    line there too."""
+    src = checkpoints(tmp_path)["vit"]
+    convert(str(src), str(tmp_path / "ok.safetensors"), "safetensors")
+    whole = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "torn.safetensors").write_bytes(whole[: len(whole) // 2])
+    data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    args = parse(
+        main_finetune.get_args_parser(),
+        **tiny_run_args(data, tmp_path / "out", model="vit_tiny_patch4", finetune=tmp_path / "torn.safetensors"),
+    )
+    with pytest.raises(UsageError, match="torn.safetensors is a truncated or corrupt safetensors file"):
+        main_finetune.main(args)

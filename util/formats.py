@@ -81,13 +81,7 @@ def read_data_stats(path: str) -> dict | None:
         if "image_mean" in cfg and "image_std" in cfg:
             return {"mean": list(cfg["image_mean"]), "std": list(cfg["image_std"])}
         return None
-    with open(path, "rb") as f:
-        if not is_safetensors(f.read(16)):
-            return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = _safetensors_metadata(path) or {}
     if metadata.get("format") == METADATA_FORMAT and "mean" in metadata and "std" in metadata:
         return {"mean": json.loads(metadata["mean"]), "std": json.loads(metadata["std"])}
     return None
@@ -100,13 +94,9 @@ def read_saved_args(path: str) -> dict | None:
     if folder.is_dir():
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         return _hf_args(config) if config.get("model_type") in ("vit_mae", "vit") else {}
-    with open(path, "rb") as f:
-        if not is_safetensors(f.read(16)):
-            return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = _safetensors_metadata(path)
+    if metadata is None:
+        return None
     if metadata.get("format") == METADATA_FORMAT:
         return json.loads(metadata.get("args", "{}"))
     config = folder.parent / "config.json"
@@ -127,6 +117,21 @@ def _load_weights_file(weights: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise UsageError(f"{weights} holds a {type(state).__name__}, not a dict of weights")
     return state
+
+
+def _safetensors_metadata(path: str) -> dict[str, str] | None:
+    """A safetensors file's metadata (its header only: the weights are not read), or None for another kind of
+    file."""
+    with open(path, "rb") as f:
+        if not is_safetensors(f.read(16)):
+            return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{path} is a truncated or corrupt safetensors file ({e})") from None
 
 
 def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
