@@ -29,7 +29,6 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import vision_transformer as timm_vit
 
-from util import formats
 from util.checkpoint import load_pretrained_state, read_overlay_file, state_dict_of
 
 __all__ = ["VisionTransformer", "checkpoint_filter_fn"]
@@ -73,16 +72,13 @@ class VisionTransformer(timm_vit.VisionTransformer):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm's ``pretrained_filter_fn``: an MAE checkpoint (official or ours; pretraining or fine-tuned; Hugging
-    Face's key names too, util/formats.py) as a state dict for ``model``, with the project's ``--finetune`` rules
-    (util/checkpoint.py ``load_pretrained_state``): the decoder and mask token dropped, position embeddings
+    """timm's ``pretrained_filter_fn``: an MAE checkpoint (official or ours; pretraining or fine-tuned; an overlay's
+    file in any layout ``read_overlay_file`` reads) as a state dict for ``model``, with the project's ``--finetune``
+    rules (util/checkpoint.py ``load_pretrained_state``): the decoder and mask token dropped, position embeddings
     interpolated, a head of another shape left out, one-line errors for anything else that does not fit. Keys the
     checkpoint lacks (the head, ``fc_norm``) keep the model's initialisation."""
     source = model.pretrained_cfg.get("file") or "the pretrained_cfg's weights"
-    state = state_dict_of(state_dict)
-    if formats.is_hf_state(state):  # a Hugging Face model.safetensors
-        state = formats.hf_to_official(state, source)
-    load_pretrained_state(model, dict(state), source, head_init_std=None)
+    load_pretrained_state(model, dict(state_dict_of(state_dict)), source, head_init_std=None)
     return model.state_dict()
 
 
