@@ -21,7 +21,7 @@ from engine_segment import SegmentationLoss, evaluate, fit, scalar_stats, write_
 from model_table import compile_model, resolve_classifier_name
 from models_segment import build_segmenter, load_backbone, param_groups_segment
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
-from util.checkpoint import load_resume, saved_args
+from util.checkpoint import load_resume, saved_args_of
 from util.cli import add_runtime_args, run_cli, validate_common_args
 from util.data_stats import add_data_args, check_data_args, resolve_data_stats
 from util.dist import is_main_process, wrap_ddp
@@ -224,11 +224,7 @@ def check_resume_schedule(args: argparse.Namespace) -> None:
     inside it) counts iterations in epochs of that many."""
     if not args.resume or args.eval:
         return
-    try:  # memory-mapped: the weights are not read here
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # load_resume reports a file it cannot read
-        return
-    saved = saved_args(checkpoint if isinstance(checkpoint, dict) else {}).get("eval_freq")
+    saved = saved_args_of(args.resume).get("eval_freq")
     if saved is not None and saved != args.eval_freq:
         raise UsageError(f"checkpoint {args.resume} was written with --eval_freq {saved}, this run has "
                          f"--eval_freq {args.eval_freq}: resume with the same")  # fmt: skip

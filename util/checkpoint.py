@@ -396,18 +396,25 @@ def saved_norm_eps(*paths: str) -> float | None:
     (the model's own). Weights from Hugging Face state theirs (``args["layer_norm_eps"]``), and every run started
     from them keeps it in its checkpoints. The weights are not read."""
     for path in paths:
-        if not path or not os.path.exists(path):
-            continue
-        args = formats.read_saved_args(path)  # a folder or safetensors file
-        if args is None:
-            try:
-                args = saved_args(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-            except Exception:  # not mappable (a legacy or foreign file): the weight loading reports it
-                args = {}
-        eps = args.get("layer_norm_eps")
+        eps = saved_args_of(path).get("layer_norm_eps") if path else None
         if eps is not None:
             return float(eps)
     return None
+
+
+def saved_args_of(path: str) -> dict:
+    """``saved_args`` of the checkpoint at ``path`` without reading its weights (a ``.pth`` is memory-mapped; a
+    folder's config and a safetensors header are read); {} for a path that does not exist or cannot be mapped (the
+    weight loading reports those)."""
+    if not os.path.exists(path):
+        return {}
+    args = formats.read_saved_args(path)  # a folder or safetensors file
+    if args is not None:
+        return args
+    try:
+        return saved_args(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # a legacy or foreign file
+        return {}
 
 
 def read_overlay_file(kwargs: dict) -> dict:
