@@ -1,6 +1,7 @@
 """The GPU path: mixed precision against fp32, MixMIM's SDPA attention against the plain one, compiled against
-eager, fused AdamW against the foreach one, the scripts end to end with resume, and no host synchronisation
-between progress lines. ``pytest -m cuda`` selects these (``benchmarks/gpu_check.sh`` runs them on a GPU machine);
+eager, fused AdamW against the foreach one, the scripts end to end with resume, no host synchronisation between
+progress lines, nvJPEG against the CPU decode, and segmentation (UperNet under mixed precision, BEiT's relative
+position bias through SDPA, main_segment.py end to end). ``pytest -m cuda`` selects these (``benchmarks/gpu_check.sh`` runs them on a GPU machine);
 without CUDA they skip. ``CUDA_TESTS_ON_CPU=1`` runs the same logic on the CPU (a dry run of the checks before a
 GPU check; the sync check needs CUDA and still skips).
 
@@ -22,6 +23,7 @@ import engine_pretrain
 import main_finetune
 import main_linprobe
 import main_pretrain
+import main_segment
 import models_mae
 import models_mixmim
 from model_table import compile_model
@@ -280,3 +282,134 @@ def test_decode_on_device_follows_the_cpu_path(dev, tmp_path: Path, record_prope
     record_property("mean_abs_diff", diff.mean().item())
     record_property("max_abs_diff", diff.max().item())
     assert diff.mean() < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- segmentation
+
+# name, crop, build kwargs: the ViT with BEiT's relative position bias (a float attn_mask into timm's SDPA) and
+# MixMIM (its windows' SDPA); heads 32 wide, no drop path
+SEGMENTERS = {
+    "vit_rel_pos": ("vit_tiny_patch4", 32, dict(rel_pos_bias=True)),
+    "mixmim": ("mixmim_tiny", 64, {}),
+}
+# UperNet's gradients round more than the pretraining models' (BatchNorm's backward subtracts the batch means):
+# measured on the CPU (torch 2.14.1) bf16 grads <= 2.6e-2, fp16 <= 9.2e-3, losses <= 3e-5; about 4x left here.
+SEG_AMP_TOLERANCE = {"bf16": {"loss": 1e-2, "grad": 1e-1}, "fp16": {"loss": 2e-3, "grad": 4e-2}}
+
+
+def build_segmenter_on(key: str, dev: torch.device, fused: bool = True):
+    """The segmenter (seed 0) in training mode without dropout (the comparisons draw no random numbers), the
+    relative position tables drawn from N(0, 2) so that the bias changes the attention, and 4 crops with labels
+    (seed 1): classes in 8x8 squares, each class its colour plus noise, a tenth of the pixels ignored (random labels
+    per pixel would make the gradient a small sum of large terms that cancel, and measure that cancellation)."""
+    from models_segment import build_segmenter
+    from util.seg_datasets import IGNORE_INDEX
+
+    name, side, kwargs = SEGMENTERS[key]
+    torch.manual_seed(0)
+    model = build_segmenter(name, 5, side, drop_path=0.0, channels=32, **kwargs)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout | torch.nn.Dropout2d):
+            module.p = 0.0
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.normal_(0, 2.0, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(1)
+    cells = torch.randint(0, 5, (4, side // 8, side // 8), generator=gen)  # classes in 8x8 squares, each its colour
+    labels = cells.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    colours = torch.randn(5, 3, generator=gen)
+    images = colours[labels].permute(0, 3, 1, 2) + 0.5 * torch.randn(4, 3, side, side, generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.1] = IGNORE_INDEX
+    return model.to(dev).train(), images.to(dev), labels.to(dev)
+
+
+def segment_loss_and_grads(model, images, labels, amp: str, dev: torch.device) -> tuple[float, torch.Tensor]:
+    """engine_segment's loss (main and auxiliary head) and every gradient, as loss_and_grads above."""
+    from engine_segment import SegmentationLoss
+
+    model.zero_grad(set_to_none=True)
+    with autocast(dev, amp):
+        loss = SegmentationLoss()(model(images), labels)
+    scale = FP16_LOSS_SCALE if amp == "fp16" else 1.0
+    (loss.float() * scale).backward()
+    grads = torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None]) / scale
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("key", list(SEGMENTERS))
+def test_segmenter_mixed_precision_follows_fp32(dev, key: str, amp: str, record_property) -> None:
+    """UperNet on both backbones under autocast (BatchNorm in training mode, the losses on fp32 logits) against
+    fp32, within SEG_AMP_TOLERANCE."""
+    model, images, labels = build_segmenter_on(key, dev)
+    loss32, grads32 = segment_loss_and_grads(model, images, labels, "none", dev)
+    loss_a, grads_a = segment_loss_and_grads(model, images, labels, amp, dev)
+    loss_err, grad_err = abs(loss_a - loss32) / abs(loss32), rel(grads_a, grads32)
+    record_property("loss_rel_err", loss_err)
+    record_property("grad_rel_l2_err", grad_err)
+    assert loss_err < SEG_AMP_TOLERANCE[amp]["loss"], (loss32, loss_a)
+    assert grad_err < SEG_AMP_TOLERANCE[amp]["grad"]
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_rel_pos_bias_in_sdpa_follows_the_plain_attention(dev, amp: str, record_property) -> None:
+    """The relative position bias as SDPA's float attn_mask (timm's fused path; under autocast the queries are bf16)
+    against timm's plain softmax(QK^T * scale + bias)V: the backbone's four levels (relative L2) and all gradients
+    within 1e-4 in fp32, within the bf16 tolerances under bf16 (the levels: the pretraining models'); the bias
+    matters (levels without it differ from the plain path's by more than 10x that, 100x in fp32)."""
+    plain, images, labels = build_segmenter_on("vit_rel_pos", dev, fused=False)
+    fused, _, _ = build_segmenter_on("vit_rel_pos", dev, fused=True)
+    loss_p, grads_p = segment_loss_and_grads(plain, images, labels, amp, dev)
+    loss_f, grads_f = segment_loss_and_grads(fused, images, labels, amp, dev)
+
+    def levels(model) -> torch.Tensor:
+        with torch.no_grad(), autocast(dev, amp):
+            return torch.cat([level.float().reshape(-1) for level in model.backbone(images)])
+
+    levels_p, levels_f = levels(plain), levels(fused)
+    with torch.no_grad():
+        for p in fused.backbone.rel_pos_bias.parameters():
+            p.zero_()
+    level_err, grad_err, unbiased_err = rel(levels_f, levels_p), rel(grads_f, grads_p), rel(levels(fused), levels_p)
+    record_property("levels_rel_l2_err", level_err)
+    record_property("grad_rel_l2_err", grad_err)
+    record_property("levels_without_bias_rel_l2", unbiased_err)
+    if amp == "none":
+        assert level_err < 1e-4 and grad_err < 1e-4 and loss_f == pytest.approx(loss_p, rel=1e-5)
+        assert unbiased_err > 100 * max(level_err, 1e-4)
+    else:
+        assert loss_f == pytest.approx(loss_p, rel=SEG_AMP_TOLERANCE["bf16"]["loss"])
+        assert level_err < AMP_TOLERANCE["bf16"]["grad"] and grad_err < SEG_AMP_TOLERANCE["bf16"]["grad"]
+        assert unbiased_err > 10 * level_err
+
+
+@pytest.mark.parametrize("model", ["vit_tiny_patch4", "mixmim_tiny"])
+def test_segment_script_on_the_device_with_resume(dev, tmp_path: Path, model: str) -> None:
+    """main_segment.py on the device with its default precision: 4 iterations in 2 epochs straight, and from the
+    first epoch's checkpoint (the same losses within 1e-3: CUDA's bilinear backward adds atomically); --eval
+    --resume of the last checkpoint scores what the training's last evaluation scored (sliding windows on the
+    device)."""
+    from test_segment import flags, make_ade_folder
+
+    mixmim = model.startswith("mixmim")  # its tiny model needs crops of 64 (patch 2, four stages of windows)
+    data = make_ade_folder(tmp_path / "data", size=(96, 128) if mixmim else (48, 64))
+    extra = dict(device=dev.type, model=model, input_size=64 if mixmim else 32)
+
+    def run(out: Path, **kw) -> dict:
+        return main_segment.main(parse(main_segment.get_args_parser(), **flags(data, out, **extra, **kw)))
+
+    straight = run(tmp_path / "straight")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "checkpoint-0.pth").write_bytes((tmp_path / "straight" / "checkpoint-0.pth").read_bytes())
+    run(resumed, resume=resumed / "checkpoint-0.pth")
+    whole, cut = log_losses(tmp_path / "straight"), log_losses(resumed)
+    assert len(whole) == 2 and cut[-1] == pytest.approx(whole[-1], rel=1e-3)
+    ckpt = torch.load(tmp_path / "straight" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    expected_amp = "none" if dev.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert ckpt["args"]["amp"] == expected_amp
+    evaluated = run(tmp_path / "eval", eval=True, resume=tmp_path / "straight" / "checkpoint-last.pth")
+    assert evaluated["mIoU"] == pytest.approx(straight["mIoU"]) and 0.0 <= straight["mIoU"] <= 100.0
