@@ -3,6 +3,7 @@ either family, and two processes equal one."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from train_utils import make_image_folder, parse, run_torchrun
 
 import main_knn
 from model_table import build_classifier, build_pretrain_model
+from util.errors import BadImageError
 from util.knn import knn_accuracy, knn_classify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,15 +193,19 @@ def test_layer_features_are_the_mean_of_that_blocks_map(tmp_path: Path, model: s
 
 def test_skip_bad_images_leaves_them_out_on_one_and_two_ranks(tmp_path: Path, caplog) -> None:
     """--skip_bad_images: unreadable files are left out of the vote, counted in knn.json, and the features, labels
-    and accuracies equal those of the same folder without them, on one process and on two (one unreadable file is
-    the first image, which the 2-rank sampler's padding repeats). --print_freq sets the progress lines."""
+    and accuracies equal those of the same folder without them, on one process and on two. On two, every training
+    image of rank 0's shard is unreadable (the even indices), and so is the first image, which the sampler's
+    padding repeats on rank 1. --print_freq sets the progress lines."""
     clean = make_image_folder(tmp_path / "clean", classes=3, per_class=3, val_per_class=2)
     data = make_image_folder(tmp_path / "data", classes=3, per_class=3, val_per_class=2)  # the same images
     train, val = data / "train", data / "val"
-    bad = [train / "class0" / "-first.png", train / "class2" / "truncated.png", val / "class1" / "notes.png"]
-    bad[0].write_bytes(b"not an image")  # sorts first: index 0
-    bad[1].write_bytes((train / "class2" / "0.png").read_bytes()[:200])
-    bad[2].write_bytes(b"not an image either")
+    # sorted per class: [-first,] 0, 0b, 1, 1b, 2, 2b: indices 0, 2, ..., 18 unreadable, the 9 images at 1, 3, ..., 17
+    bad = [train / "class0" / "-first.png"]
+    bad += [train / f"class{c}" / f"{i}b.png" for c in range(3) for i in range(3)]
+    for k, path in enumerate(bad):  # not images, and truncated PNGs
+        path.write_bytes(b"not an image" if k % 2 else (train / "class2" / "0.png").read_bytes()[:200])
+    bad.append(val / "class1" / "notes.png")
+    bad[-1].write_bytes(b"not an image either")
     torch.manual_seed(0)
     ckpt = tmp_path / "model.pth"
     torch.save({"model": build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()}, ckpt)
@@ -218,8 +224,8 @@ def test_skip_bad_images_leaves_them_out_on_one_and_two_ranks(tmp_path: Path, ca
     with caplog.at_level("INFO"):
         reference, expected = run("clean", data_path=clean, print_freq=2)
         stats, one = run("one", data_path=data, skip_bad_images=True, print_freq=1)
-    assert progress(clean / "train") == 2 and progress(data / "train") == 3  # 3 batches: steps 0, 2 / 0, 1, 2
-    assert stats == {**reference, "train_skipped_images": 2, "val_skipped_images": 1}
+    assert progress(clean / "train") == 2 and progress(data / "train") == 5  # 3 batches: steps 0, 2; 5: 0 to 4
+    assert stats == {**reference, "train_skipped_images": 10, "val_skipped_images": 1}
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert sorted(m.split(" ")[3] for m in warned) == sorted(map(str, bad))
 
@@ -234,6 +240,20 @@ def test_skip_bad_images_leaves_them_out_on_one_and_two_ranks(tmp_path: Path, ca
         assert [len(got[k]) for k in ("train_features", "val_features")] == [9, 6]
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+
+
+def test_a_set_without_a_readable_image_is_a_one_line_error(tmp_path: Path) -> None:
+    """--skip_bad_images with no readable image in a set: one error naming it (raised after the ranks agree on it)."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, val_per_class=1)
+    for path in (data / "val").rglob("*.png"):
+        path.write_bytes(b"not an image")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": build_pretrain_model("mae_vit_tiny_patch4", 32).state_dict()}, ckpt)
+    flags = dict(model="vit_tiny_patch4", finetune=ckpt, data_path=data, input_size=32, batch_size=2, device="cpu")
+    args = parse(main_knn.get_args_parser(), **flags, num_workers=0, skip_bad_images=True, output_dir=tmp_path / "o")
+    with pytest.raises(BadImageError, match=rf"^{re.escape(str(data / 'val'))}: no readable image \(none of its 2"):
+        main_knn.main(args)
 
 
 @pytest.mark.parametrize("flag", [["--compile"], ["--compile_mode", "default"], ["--save_every_min", "1"],

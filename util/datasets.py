@@ -250,13 +250,15 @@ class CheckedLoader(LoaderWrapper):
     """Iterates a DataLoader over ``CheckedImages`` and yields ``(images, targets)``.
 
     Unreadable files: ``BadImageError`` at the first one, or with ``skip`` a warning the first time each file is
-    met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass.
-    ``sampler``, ``dataset`` and ``len()`` are the DataLoader's.
+    met, a count per pass (``skipped``: distinct files met in the last full pass) and a summary line per pass. A pass
+    without a readable image is a ``BadImageError`` too, unless ``allow_empty`` (the caller agrees with the other
+    ranks first: one rank's shard may hold only unreadable files). ``sampler``, ``dataset`` and ``len()`` are the
+    DataLoader's.
     """
 
-    def __init__(self, loader: torch.utils.data.DataLoader, skip: bool, what: str):
+    def __init__(self, loader: torch.utils.data.DataLoader, skip: bool, what: str, allow_empty: bool = False):
         super().__init__(loader)
-        self.skip, self.what = skip, what
+        self.skip, self.what, self.allow_empty = skip, what, allow_empty
         self.skipped = 0
         self._ever_skipped: set[str] = set()
 
@@ -278,7 +280,7 @@ class CheckedLoader(LoaderWrapper):
                 continue
             yielded = True
             yield images, targets
-        if this_pass and not yielded:
+        if this_pass and not yielded and not self.allow_empty:
             raise BadImageError(f"{self.what}: no readable image ({len(this_pass)} unreadable files in this pass)")
         self.skipped = len(this_pass)
         if this_pass:

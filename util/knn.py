@@ -16,6 +16,7 @@ from util.amp import autocast
 from util.checkpoint import load_pretrained_state
 from util.datasets import CheckedImages, CheckedLoader, CollateSkippingBad
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
+from util.errors import BadImageError
 from util.families import unwrap
 from util.metrics import MetricLogger
 
@@ -75,7 +76,7 @@ def extract_features(
         _Indexed(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate
     )
     if checked:  # an unreadable file: BadImageError naming it, or a warning and left out
-        loader = CheckedLoader(loader, skip=skip_bad_images, what=dataset.root)
+        loader = CheckedLoader(loader, skip=skip_bad_images, what=dataset.root, allow_empty=True)
     if print_freq:
         loader = MetricLogger().log_every(loader, print_freq, f"features of {getattr(dataset, 'root', 'the set')}:")
     feats, labels, indices = [], [], []
@@ -84,9 +85,19 @@ def extract_features(
             feats.append(pooled_features(model, images.to(device, non_blocking=True), layer).float())
         labels.append(torch.as_tensor(targets).to(device))
         indices.append(torch.as_tensor(index).to(device))
-    local_f = F.normalize(torch.cat(feats), dim=1)  # (n, D)
-    local_l, local_i = torch.cat(labels), torch.cat(indices)  # (n,), (n,)
-    if world == 1 or not is_dist_avail_and_initialized():
+    distributed = world > 1 and is_dist_avail_and_initialized()
+    # the feature width; 0 where nothing was read (a shard of unreadable files under skip_bad_images): the ranks
+    # agree on it, so that they all go on to the gather, or all stop with the same error
+    width = torch.tensor([feats[0].shape[1] if feats else 0], device=device)
+    if distributed:
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    if not width.item():
+        raise BadImageError(f"{getattr(dataset, 'root', 'the set')}: no readable image (none of its {len(dataset)} "
+                            "files could be read)")  # fmt: skip
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    local_f = F.normalize(torch.cat(feats), dim=1) if feats else torch.zeros(0, width.item(), device=device)  # (n, D)
+    local_l, local_i = (torch.cat(t) if t else empty for t in (labels, indices))  # (n,), (n,)
+    if not distributed:
         return local_f.cpu(), local_l.cpu(), len(dataset) - len(local_i)
     # each rank's features padded to its shard's length (index -1: room left by unreadable images), gathered, and
     # put in dataset order
