@@ -242,6 +242,19 @@ def test_eval_set_with_a_validation_set_passed_in_is_refused(tmp_path: Path) -> 
         main_finetune.main(args, dataset_val=given)
 
 
+def test_every_rank_checks_the_output_dir_before_evaluating(tmp_path: Path, monkeypatch) -> None:
+    """An unwritable --output_dir stops every rank before the evaluation, not the main process alone (the others
+    would wait in the evaluation's all-reduce): here a process that is not the main one."""
+    checkpoint = constant_logits_checkpoint(tmp_path / "ckpt.pth", torch.zeros(1000))
+    data = make_wnid_folders(tmp_path / "imagenet-a", {A_SYNSETS[0]: 1})
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("util.robustness.is_main_process", lambda: False)
+    args = eval_args(tmp_path, data, checkpoint, eval_set="imagenet-a")
+    args.output_dir = str(tmp_path / "a_file" / "sub")
+    with pytest.raises(UsageError, match="--output_dir .*a_file/sub is not writable"):
+        main_finetune.main(args)
+
+
 def test_eval_set_imagenet_is_plain_eval(tmp_path: Path) -> None:
     """``--eval_set imagenet`` scores ``data_path/val`` exactly as ``--eval`` alone (which writes nothing)."""
     data = make_image_folder(tmp_path / "data", classes=3, per_class=1, val_per_class=2)

@@ -210,8 +210,8 @@ def evaluate_eval_set(
     Returns ``{eval_set, data_path, resume, images, ...}`` with acc1 / acc5 / loss (and ``classes``, the outputs
     scored) for one dataset; for ImageNet-C ``acc1`` as ``{corruption: {severity: top-1}}`` and ``imagenet_c_summary``.
     """
-    if args.output_dir and is_main_process():
-        check_output_dir(args.output_dir)  # before the evaluation, not after it
+    if args.output_dir:  # before the evaluation, not after it; on every rank, so that all stop alike
+        check_output_dir(args.output_dir)
     subset = class_subset(args.eval_set)
     stats = {}
     for name, dataset in parts.items():
