@@ -99,8 +99,9 @@ def test_block_rectangles_follow_beit(grid):
     aspects = []
     for ratio in (0.4, 0.75, 0.9):
         target = L - int(L * (1 - ratio))
-        for _ in range(20):
-            blocks = masking.draw_blocks(grid, target, g)
+        draws = masking.draw_blocks(grid, target, 20, g)
+        for i in range(20):
+            blocks = draws.rectangles(i)
             covered = torch.zeros(grid, dtype=torch.bool)
             for k, b in enumerate(blocks):
                 assert 16 <= b.size <= max(16, target - covered.sum().item())
@@ -111,9 +112,15 @@ def test_block_rectangles_follow_beit(grid):
                     assert b.height * b.width >= b.size
                     assert (b.height - 1) ** 2 < b.size * b.aspect <= b.height**2
                     assert (b.width - 1) ** 2 < b.size / b.aspect <= b.width**2
+                before = covered.clone()
                 covered[b.top : b.top + b.height, b.left : b.left + b.width] = True
                 assert (covered.sum() >= target) == (k == len(blocks) - 1)
                 aspects.append(math.log(b.aspect))
+            # the batch's painting: the patches of the rectangles before the last, and the last one's
+            assert torch.equal(torch.from_numpy(draws.earlier[i]), before)
+            last = torch.zeros(grid, dtype=torch.bool)
+            last[b.top : b.top + b.height, b.left : b.left + b.width] = True
+            assert torch.equal(torch.from_numpy(draws.last[i]), last)
     # log-uniform: log r uniform on [log 0.3, -log 0.3], mean 0, a third of the draws within its middle third
     u = torch.tensor(aspects) / -math.log(0.3)
     assert len(u) > 150 and abs(u.mean()) < 0.1 and 0.25 < (u.abs() < 1 / 3).float().mean() < 0.42
@@ -121,7 +128,7 @@ def test_block_rectangles_follow_beit(grid):
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_block_masks_are_whole_rectangles_but_for_the_last(tiny, grid):
-    """The mask of an image: its rectangles (drawn first, image by image, from the same generator), the last
+    """The mask of an image: its rectangles (drawn first, the batch's images in step, from the same generator), the last
     rectangle's new patches trimmed at random to the exact count. So every 4-connected masked region away from the
     last rectangle holds at least 16 patches (random masking leaves single patches)."""
     H, W = grid
@@ -132,9 +139,10 @@ def test_block_masks_are_whole_rectangles_but_for_the_last(tiny, grid):
         tiny, masking.mask_noise("block", n, grid, ratio, generator=torch.Generator().manual_seed(5)), ratio
     )
     g = torch.Generator().manual_seed(5)
+    draws = masking.draw_blocks(grid, target, n, g)
     for i in range(n):
         hidden = mask[i].view(H, W).bool()
-        blocks = masking.draw_blocks(grid, target, g)
+        blocks = draws.rectangles(i)
         earlier, last = torch.zeros(H, W, dtype=torch.bool), torch.zeros(H, W, dtype=torch.bool)
         for b in blocks[:-1]:
             earlier[b.top : b.top + b.height, b.left : b.left + b.width] = True
