@@ -1,9 +1,9 @@
 """The GPU path: mixed precision against fp32, MixMIM's SDPA attention against the plain one, compiled against
 eager, fused AdamW against the foreach one, the scripts end to end with resume, no host synchronisation between
 progress lines, nvJPEG against the CPU decode, and segmentation (UperNet under mixed precision, BEiT's relative
-position bias through SDPA, main_segment.py end to end). ``pytest -m cuda`` selects these (``benchmarks/gpu_check.sh`` runs them on a GPU machine);
-without CUDA they skip. ``CUDA_TESTS_ON_CPU=1`` runs the same logic on the CPU (a dry run of the checks before a
-GPU check; the sync check needs CUDA and still skips).
+position bias through SDPA, main_segment.py end to end). ``pytest -m cuda`` selects these
+(``benchmarks/gpu_check.sh`` runs them on a GPU machine); without CUDA they skip. ``CUDA_TESTS_ON_CPU=1`` runs the
+same logic on the CPU (a dry run of the checks before a GPU check; the sync check needs CUDA and still skips).
 
 Tolerances are stated per check. Each test also records what it measured (``record_property``: the junit XML of
 gpu_check.sh keeps the figures). Mixed precision is compared on the loss and on the whole gradient vector
