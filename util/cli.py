@@ -62,8 +62,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, port: int, training: bool 
         "--skip_bad_images",
         action="store_true",
         help="skip unreadable image files (corrupt, truncated, not images), logging and counting them, instead of "
-        "stopping at the first one (with --decode_on_device: files whose header PIL cannot read; a JPEG whose data "
-        "does not decode on the device still stops the run, naming it)",
+        "stopping at the first one (with main_pretrain.py's --decode_on_device: files whose header PIL cannot read; "
+        "a JPEG whose data does not decode on the device still stops the run, naming it)",
     )
     new.add_argument(
         "--dist_timeout",
@@ -100,7 +100,8 @@ def add_nb_classes_arg(parser: argparse.ArgumentParser) -> None:
     """``--nb_classes`` of the classifier scripts; official default 1000, here the folder's class count (None until
     ``util.datasets.resolve_num_classes`` counts it)."""
     parser.add_argument("--nb_classes", default=None, type=int, help="number of the classification types (default: "
-                        "the training folder's class count; with --eval the validation folder's)")  # fmt: skip
+                        "the head of the --resume checkpoint, else the training folder's class count; with --eval "
+                        "the validation folder's)")  # fmt: skip
 
 
 def input_size_value(size: int | Sequence[int]) -> int | list[int]:
