@@ -42,8 +42,9 @@ def test_simple_feature_pyramid_resamples_the_last_blocks_map() -> None:
     expected = seen["tokens"][:, 1:].reshape(2, 8, 12, 192).permute(0, 3, 1, 2)
     torch.testing.assert_close(seen["x1"], expected, rtol=0, atol=0)
     torch.testing.assert_close(out["pool"], out["3"][:, :, ::2, ::2], rtol=0, atol=0)  # stride-2 subsampling
-    with torch.no_grad():  # the x1/2 level is the 2x2 max-pool of the map through the same projection
-        torch.testing.assert_close(out["3"], pyramid.project[3](F.max_pool2d(expected, 2)), rtol=0, atol=0)
+    with torch.no_grad():  # the x1/2 level is the 2x2 max-pool of the map through the same projection (to float
+        # rounding: the map here is a permuted view, and the CPU's convolution may sum in another order for it)
+        torch.testing.assert_close(out["3"], pyramid.project[3](F.max_pool2d(expected, 2)), rtol=1e-5, atol=1e-5)
     assert pyramid.strides == [1, 2, 4, 8]
 
 
