@@ -219,6 +219,25 @@ def resolve_args(args: argparse.Namespace) -> None:
         args.save_freq = family_defaults(args.model_name).finetune_save_freq
 
 
+def check_augmentation_args(args: argparse.Namespace) -> None:
+    """One-line errors for the augmentation flags timm would refuse with a bare assertion (or none) later."""
+    if args.remode not in ("pixel", "rand", "const"):  # timm's RandomErasing modes
+        raise UsageError(f"--remode must be pixel, rand or const, got {args.remode}")
+    if args.recount < 1:
+        raise UsageError(f"--recount must be at least 1, got {args.recount}")
+    if args.cutmix_minmax is not None:
+        values = args.cutmix_minmax
+        if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+            raise UsageError(
+                f"--cutmix_minmax takes MIN MAX with 0 < MIN <= MAX <= 1, got {' '.join(map(str, values))}"
+            )
+    if not args.eval:  # --aa: timm parses the policy string when the transform is built
+        try:
+            finetune_transform(args, (0.5,) * args.in_chans, (0.5,) * args.in_chans)
+        except (AssertionError, ValueError, KeyError) as e:
+            raise UsageError(f"--aa {args.aa}: timm cannot build this augmentation ({e or type(e).__name__})") from e
+
+
 def check_args(args: argparse.Namespace) -> None:
     resolve_args(args)
     if args.eval and args.finetune:  # the official script ignores --finetune with --eval
@@ -232,6 +251,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.eval_set is not None and not args.eval:
         raise UsageError(f"--eval_set {args.eval_set} chooses the set --eval evaluates: add --eval")
     validate_common_args(args)
+    check_augmentation_args(args)
     check_data_args(args)
     check_buildable(args.model_name, args.input_size, args.in_chans)
     if args.trainable_blocks is not None:  # a K the model does not have fails before the data is read

@@ -203,3 +203,20 @@ def test_resolve_resume(tmp_path: Path) -> None:
     args = argparse.Namespace(resume=str(tmp_path / "elsewhere" / "x.pth"), output_dir=str(tmp_path))
     with pytest.raises(UsageError, match="does not exist"):
         resolve_resume(args)
+
+
+def test_eval_resumes_only_the_checkpoint_it_names(tmp_path: Path) -> None:
+    """--eval evaluates the --resume checkpoint: a mistyped path inside --output_dir is an error (not the newest
+    checkpoint there, as for training), and --resume auto in a folder without checkpoints too (not a randomly
+    initialised model)."""
+    save_atomic({"epoch": 4}, tmp_path / "checkpoint-4.pth")
+    args = argparse.Namespace(resume=str(tmp_path / "checkpoint-9.pth"), output_dir=str(tmp_path), eval=True)
+    with pytest.raises(UsageError, match=r"--resume .*checkpoint-9.pth does not exist$"):
+        resolve_resume(args)
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), eval=True)
+    resolve_resume(args)
+    assert args.resume == str(tmp_path / "checkpoint-4.pth")
+    (tmp_path / "empty").mkdir()
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path / "empty"), eval=True)
+    with pytest.raises(UsageError, match=r"^--eval --resume auto: no checkpoint in .*empty to evaluate$"):
+        resolve_resume(args)

@@ -496,6 +496,25 @@ def _bad_args_cases() -> list:
             (dict(model=pre, output_dir="UNWRITABLE"), "--output_dir .*a_file/sub is not writable"),
             (dict(model=pre, log_dir="UNWRITABLE"), "--log_dir .*a_file/sub is not writable"),
         ]
+        common += [
+            (dict(model=pre, seed=-1), "--seed must be >= 0, got -1"),
+            (dict(model=pre, device="gpu"), "--device gpu is not a device: use cpu, cuda or cuda:N"),
+            (dict(model=pre, lr=-1), "--lr must be > 0, got -1.0"),
+            (dict(model=pre, blr=0), "--blr must be > 0, got 0.0"),
+            (dict(model=pre, weight_decay=-0.05), "--weight_decay must be >= 0, got -0.05"),
+            (dict(model=pre, warmup_epochs=-1), "--warmup_epochs must be >= 0, got -1"),
+        ]
+        if name == "finetune":
+            common += [
+                (dict(model=cls, drop_path=1.5), r"--drop_path must be in \[0, 1\), got 1.5"),
+                (dict(model=cls, layer_decay=0), "--layer_decay must be > 0, got 0.0"),
+                (dict(model=cls, smoothing=1.5), r"--smoothing must be in \[0, 1\), got 1.5"),
+                (dict(model=cls, clip_grad=-1), "--clip_grad must be > 0, got -1.0"),
+                (dict(model=cls, reprob=2), r"--reprob must be in \[0, 1\], got 2.0"),
+                (dict(model=cls, remode="bogus"), "--remode must be pixel, rand or const, got bogus"),
+                (dict(model=cls, cutmix_minmax=0.5), "--cutmix_minmax takes MIN MAX with 0 < MIN <= MAX <= 1, got 0.5"),
+                (dict(model=cls, aa="bogus"), r"--aa bogus: timm cannot build this augmentation \(Unknown AA policy"),
+            ]
         if name == "pretrain":
             common += [(dict(model=pre, mask_ratio=r), r"--mask_ratio must be in \(0, 1\)") for r in (0.0, 1.0, -0.5)]
             common += [(dict(model=cls, mask_ratio=1.5), r"--mask_ratio must be in \(0, 1\)")]

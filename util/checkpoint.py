@@ -243,7 +243,8 @@ def resolve_resume(args: argparse.Namespace) -> None:
 
     A ``--resume`` path that does not exist inside ``--output_dir`` is read as the official MixMIM scripts mean
     it (``--resume ${work_path}/ckpt/checkpoint.pth`` on every launch): resume from the newest checkpoint there,
-    if any. Elsewhere a missing path is an error.
+    if any. Elsewhere, and for ``--eval`` (which evaluates the checkpoint named, or with ``auto`` the newest, and
+    nothing else), a missing path is an error.
     """
     if not args.resume and restart_count() > 0 and args.output_dir and not getattr(args, "eval", False):
         logger.info("torchrun restart %d: resuming as with --resume auto", restart_count())
@@ -255,6 +256,8 @@ def resolve_resume(args: argparse.Namespace) -> None:
             raise UsageError("--resume auto needs --output_dir")
         remove_stale_temp_files(args.output_dir)
         found = find_resume_checkpoint(args.output_dir)
+        if not found and getattr(args, "eval", False):
+            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir} to evaluate")
         logger.info("--resume auto: %s", found or f"no checkpoint in {args.output_dir}, starting from scratch")
         args.resume = found or ""
         return
@@ -264,7 +267,11 @@ def resolve_resume(args: argparse.Namespace) -> None:
     if path.is_dir():
         raise UsageError(f"--resume {args.resume} is a folder without a config.json: give a checkpoint file, a "
                          "Hugging Face / timm model folder, or --resume auto with --output_dir")  # fmt: skip
-    if args.output_dir and path.parent.resolve() == Path(args.output_dir).resolve():
+    if (
+        args.output_dir
+        and path.parent.resolve() == Path(args.output_dir).resolve()
+        and not getattr(args, "eval", False)
+    ):
         remove_stale_temp_files(args.output_dir)
         found = find_resume_checkpoint(args.output_dir)
         logger.info("--resume %s does not exist; resuming from %s", args.resume, found or "scratch")

@@ -120,9 +120,46 @@ def resolve_input_size(args: argparse.Namespace) -> None:
     args.input_size = input_size_value(args.input_size)
 
 
+# the numeric recipe flags a script may have: (lowest, whether it is allowed, highest or None, whether allowed);
+# a flag left at None (--lr: from --blr; --clip_grad: off) is not checked
+VALUE_RANGES = {
+    "seed": (0, True, None, False),
+    "lr": (0, False, None, False),
+    "blr": (0, False, None, False),
+    "min_lr": (0, True, None, False),
+    "weight_decay": (0, True, None, False),
+    "warmup_epochs": (0, True, None, False),
+    "clip_grad": (0, False, None, False),
+    "drop_path": (0, True, 1, False),
+    "layer_decay": (0, False, None, False),
+    "smoothing": (0, True, 1, False),
+    "mixup": (0, True, None, False),
+    "cutmix": (0, True, None, False),
+    "mixup_prob": (0, True, 1, True),
+    "mixup_switch_prob": (0, True, 1, True),
+    "reprob": (0, True, 1, True),
+}
+
+
+def check_value_ranges(args: argparse.Namespace) -> None:
+    """One line for a recipe flag of ``VALUE_RANGES`` outside its range (a negative lr or seed would otherwise end
+    in a traceback from the optimizer or numpy, a negative weight decay or clip would train silently wrong)."""
+    for name, (low, low_ok, high, high_ok) in VALUE_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        too_low = value < low if low_ok else value <= low
+        too_high = high is not None and (value > high if high_ok else value >= high)
+        if too_low or too_high:
+            lo, hi = "[" if low_ok else "(", "]" if high_ok else ")"
+            interval = f"in {lo}{low}, {high}{hi}" if high is not None else (f">= {low}" if low_ok else f"> {low}")
+            raise UsageError(f"--{name} must be {interval}, got {value}")
+
+
 def validate_common_args(args: argparse.Namespace, data_list_file: bool = False) -> None:
     """One-line errors for arguments that cannot work, before any work is done. ``data_list_file``: ``--data_path``
     may also be a file (pretraining's list of image paths)."""
+    check_value_ranges(args)
     for name in ("batch_size", "accum_iter", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")

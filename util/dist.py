@@ -58,7 +58,10 @@ def resolve_device(requested: str | None) -> torch.device:
     """``--device``: None picks CUDA when available, else the CPU; an unavailable CUDA device is a usage error."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as e:  # "gpu", "cuda:x", ...
+        raise UsageError(f"--device {requested} is not a device: use cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
     return device
