@@ -29,11 +29,12 @@ from PIL import Image
 from torchvision.datasets import FashionMNIST
 
 import main_segment
+from util.checkpoint import load_checkpoint_file
 from util.cli import run_cli
 from util.dist import setup_logging
 from util.errors import UsageError
 from util.fashion_mnist import CLASSES, DEFAULT_DATA_PATH, prepare_root
-from util.files import write_text_atomic
+from util.files import check_output_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ BACKGROUND = 1  # annotation value of the canvas; garment class c is c + 2 (0 wo
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("The demo's encoder for semantic segmentation", add_help=False)
     parser.add_argument("--checkpoint", default="./output_demo/pretrain/checkpoint-last.pth",
-                        help="the pretraining checkpoint (demo.py writes this one)")  # fmt: skip
+                        help="the pretraining checkpoint (demo.py writes this one), or any file or Hugging Face / "
+                        "timm model folder that main_segment.py's --finetune reads")  # fmt: skip
     parser.add_argument("--model", default="vit_tiny_patch4", help="the encoder the checkpoint loads into")
     parser.add_argument("--output_dir", default="./output_demo/segment")
     parser.add_argument("--data_path", default=DEFAULT_DATA_PATH, help="folder with the Fashion-MNIST idx files")
@@ -85,10 +87,21 @@ def scene(
     return (canvas * 255).round().to(torch.uint8).numpy(), annotation.numpy()
 
 
-def write_scenes(args: argparse.Namespace) -> Path:
-    """The train and validation scenes in the ADE20K layout under ``output_dir/data`` (grey images as RGB PNGs);
-    scene i of a split is a function of (seed, split, i)."""
-    root = prepare_root(args.data_path, args.cache_dir)
+def fashion_root(args: argparse.Namespace) -> str:
+    """``prepare_root``'s folder for ``--data_path``; a folder without the Fashion-MNIST files (or a ``--cache_dir``
+    that cannot be written) is a one-line ``UsageError``."""
+    try:
+        return prepare_root(args.data_path, args.cache_dir)
+    except OSError as e:
+        if e.strerror is None:  # prepare_root's own message: which files it looked for, and where
+            raise UsageError(f"--data_path {args.data_path}: {(str(e).splitlines() or [''])[0]}") from e
+        raise UsageError(f"cannot prepare Fashion-MNIST from --data_path {args.data_path} in --cache_dir "
+                         f"{args.cache_dir}: {e.filename}: {e.strerror}") from e  # fmt: skip
+
+
+def write_scenes(args: argparse.Namespace, root: str) -> Path:
+    """The train and validation scenes in the ADE20K layout under ``output_dir/data`` (grey images as RGB PNGs), from
+    the Fashion-MNIST folder ``root`` (``fashion_root``); scene i of a split is a function of (seed, split, i)."""
     data = Path(args.output_dir) / "data"
     for split, train, n in (("training", True, args.train_scenes), ("validation", False, args.val_scenes)):
         base = FashionMNIST(root, train=train, download=False)
@@ -103,8 +116,9 @@ def write_scenes(args: argparse.Namespace) -> Path:
     return data
 
 
-def segment(args: argparse.Namespace, data: Path, checkpoint: str | None, tag: str) -> dict:
-    """``main_segment.py`` on the scenes (its parser, so every flag not set here has its default); the evaluation."""
+def segment_cli(args: argparse.Namespace, data: Path, checkpoint: str | None, tag: str) -> list[str]:
+    """``main_segment.py``'s command line for one arm, ``--segment_args`` last; a ``--segment_args`` that does not
+    split as a shell line is a one-line ``UsageError``."""
     cli = ["--model", args.model, "--data_path", str(data), "--nb_classes", str(len(CLASSES) + 1),
            "--output_dir", str(Path(args.output_dir) / tag), "--log_dir", "", "--input_size", str(args.canvas),
            "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_freq", str(args.iters),
@@ -114,9 +128,29 @@ def segment(args: argparse.Namespace, data: Path, checkpoint: str | None, tag: s
         cli += ["--device", args.device]
     if checkpoint:
         cli += ["--finetune", checkpoint]
-    cli += shlex.split(args.segment_args)
+    try:
+        return cli + shlex.split(args.segment_args)
+    except ValueError as e:  # shlex's "No closing quotation", "No escaped character"
+        raise UsageError(f"--segment_args {args.segment_args!r} does not split as a shell line: {e}") from None
+
+
+def parse_segment_cli(cli: list[str], segment_args: str) -> argparse.Namespace:
+    """``main_segment.py``'s parser on ``cli``; what it refuses (a flag it does not know, a bad value: from
+    ``segment_args``, the rest is the demo's) is a one-line ``UsageError``, not its usage text and exit status 2."""
+    parser = main_segment.get_args_parser()
+
+    def error(message: str):
+        raise UsageError(f"--segment_args {segment_args!r}: main_segment.py refuses it: {message}")
+
+    parser.error = error
+    return parser.parse_args(cli)
+
+
+def segment(args: argparse.Namespace, data: Path, checkpoint: str | None, tag: str) -> dict:
+    """``main_segment.py`` on the scenes (its parser, so every flag not set here has its default); the evaluation."""
+    cli = segment_cli(args, data, checkpoint, tag)
     logger.info("=== main_segment.py %s", shlex.join(cli))
-    return main_segment.main(main_segment.get_args_parser().parse_args(cli))
+    return main_segment.main(parse_segment_cli(cli, args.segment_args))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -126,11 +160,15 @@ def main(args: argparse.Namespace) -> dict:
         raise UsageError("--train_scenes, --val_scenes, --iters, --batch_size and --max_garments must be positive")
     if not 1 <= args.garment_sides[0] <= args.garment_sides[1] <= args.canvas:
         raise UsageError(f"--garment_sides must be 1 <= MIN <= MAX <= --canvas {args.canvas}, got {args.garment_sides}")
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist (run python demo.py first)")
+    if not args.output_dir:
+        raise UsageError("--output_dir is empty: the scenes and results need a folder")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = write_scenes(args)
+    parse_segment_cli(segment_cli(args, out / "data", args.checkpoint, "pretrained"), args.segment_args)
+    if not os.path.exists(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist (run python demo.py first)")
+    load_checkpoint_file(args.checkpoint)  # not a checkpoint (or a folder of none): one line before the scenes
+    check_output_dir(args.output_dir)
+    data = write_scenes(args, fashion_root(args))
     results: dict = {}
     for tag, checkpoint in (("pretrained", args.checkpoint), ("scratch", None)):
         start = time.time()

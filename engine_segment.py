@@ -28,7 +28,7 @@ from util.lr_sched import adjust_learning_rate_poly
 from util.metrics import MetricLogger, SmoothedValue, StepMetrics
 from util.preemption import EpochControl
 from util.run import finish_training, log_epoch, save_epoch_checkpoint, start_epoch, stop_if_preempted
-from util.seg_datasets import IGNORE_INDEX
+from util.seg_datasets import IGNORE_INDEX, no_scored_pixel
 from util.seg_metrics import confusion_matrix, segmentation_metrics
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,9 @@ def evaluate(
     """mmseg's single-scale evaluation: sliding windows of ``crop`` every ``stride`` over each (resized) image, the
     logits resized bilinearly to the label's original size, their argmax scored against it. The (K, K) confusion
     matrices are summed over the images and the processes (each holds a shard); returns ``segmentation_metrics``
-    (percent): mIoU, mAcc, aAcc, and IoU / Acc per class."""
+    (percent): mIoU, mAcc, aAcc, and IoU / Acc per class (nan for a class absent from the labels, and for IoU from
+    the predictions too: left out of the means, as mmseg's). Labels without a single scored pixel are a one-line
+    ``UsageError`` naming their folder: every metric would be 0 / 0."""
     model.eval()
     conf = torch.zeros(nb_classes, nb_classes, dtype=torch.int64, device=device)
     metric_logger = MetricLogger()
@@ -155,7 +157,11 @@ def evaluate(
         conf += confusion_matrix(logits.argmax(1), labels, nb_classes, IGNORE_INDEX)
     if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(conf)
-    stats = segmentation_metrics(conf.cpu())
+    conf = conf.cpu()
+    if conf.sum() == 0:  # the same sum on every rank: all stop
+        folder = getattr(getattr(data_loader, "dataset", None), "annotation_dir", None)
+        raise no_scored_pixel(f"the annotations in {folder}" if folder else "the validation labels", nb_classes)
+    stats = segmentation_metrics(conf)
     logger.info("* mIoU %.2f mAcc %.2f aAcc %.2f (%d classes)", stats["mIoU"], stats["mAcc"], stats["aAcc"], nb_classes)
     return stats
 
@@ -165,16 +171,21 @@ def scalar_stats(stats: dict) -> dict[str, float]:
     return {k: stats[k] for k in ("mIoU", "mAcc", "aAcc")}
 
 
+def json_safe(value):
+    """``value`` with every nan or infinite float (in a list too) as None: ``json.dumps`` would write a bare ``NaN``,
+    which is not JSON."""
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_eval_json(output_dir: str, stats: dict, **extra) -> None:
-    """``output_dir/segment_eval.json`` (main process): ``evaluate``'s metrics, per-class values of 0 / 0 classes as
-    null, and ``extra`` (the checkpoint, the iteration)."""
+    """``output_dir/segment_eval.json`` (main process): ``evaluate``'s metrics and ``extra`` (the checkpoint, the
+    iteration), as valid JSON: the IoU / Acc of a class absent from the validation labels (nan, left out of mIoU /
+    mAcc as mmseg's nan-mean) is null."""
     if not output_dir or not is_main_process():
         return
-
-    def plain(v):
-        return [None if math.isnan(x) else x for x in v] if isinstance(v, list) else v
-
-    record = {**extra, **{k: plain(v) for k, v in stats.items()}}
+    record = {**extra, **{k: json_safe(v) for k, v in stats.items()}}
     write_text_atomic(Path(output_dir) / EVAL_JSON, json.dumps(record, indent=2) + "\n")
 
 
@@ -223,6 +234,7 @@ def fit(
             "iteration": iteration,
             "n_parameters": n_parameters,
         }
+        log_stats = {k: json_safe(v) for k, v in log_stats.items()}  # log.txt's lines stay JSON
         log_epoch(args, log_writer, log_stats, {}, device)
         stop_if_preempted(args, epoch, control)
     finish_training(log_writer, start_time)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from engine_segment import SegmentationLoss, evaluate, fit, scalar_stats, write_eval_json
+from engine_segment import SegmentationLoss, evaluate, fit, json_safe, scalar_stats, write_eval_json
 from model_table import compile_model, resolve_classifier_name
 from models_segment import build_segmenter, load_backbone, param_groups_segment
 from util.amp import NativeScalerWithGradNormCount as NativeScaler
@@ -258,6 +258,9 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
         dataset_val = SegmentationFolder(
             args.data_path, "val", args.nb_classes, EvalPipeline(args.img_scale, args.mean, args.std)
         )
+    for dataset in (dataset_train, dataset_val):  # annotations with nothing scored: stop before any training
+        if isinstance(dataset, SegmentationFolder):
+            dataset.check_scored()
     data_loader_val = segmentation_val_loader(dataset_val, args, device)
 
     model = build_segmenter(
@@ -292,7 +295,7 @@ def main(args: argparse.Namespace, dataset_train: Dataset | None = None, dataset
         )  # fmt: skip
         write_eval_json(args.output_dir, stats, checkpoint=args.resume)
         if args.output_dir and is_main_process():
-            append_log_line(args.output_dir, {**{f"test_{k}": v for k, v in scalar_stats(stats).items()},
+            append_log_line(args.output_dir, {**{f"test_{k}": json_safe(v) for k, v in scalar_stats(stats).items()},
                                               "checkpoint": args.resume})  # fmt: skip
         return stats
 

@@ -548,6 +548,59 @@ def test_bad_input_is_a_one_line_usage_error(tmp_path: Path, what, overrides: di
     assert "\n" not in str(e.value)
 
 
+def _unscored(data: Path, split: str, binary: bool) -> None:
+    """Every annotation of ``split`` without a scored pixel: all 0 ("other"), or a 0 / 255 binary mask."""
+    for path in (data / "annotations" / split).glob("*.png"):
+        label = np.array(Image.open(path))
+        Image.fromarray(np.where(label == 3, 255, 0).astype(np.uint8) if binary else np.zeros_like(label)).save(path)
+
+
+@pytest.mark.parametrize("split", ["validation", "training"])
+@pytest.mark.parametrize("binary", [False, True], ids=["all 0", "0/255"])
+def test_annotations_without_a_scored_pixel_stop_before_training(tmp_path: Path, split: str, binary: bool) -> None:
+    """Nothing scored would train on a loss of 0 and evaluate to mIoU nan: one line naming the folder and saying
+    which values are scored, before any checkpoint or log line."""
+    data = make_ade_folder(tmp_path / "data", train=2, val=1)
+    _unscored(data, split, binary)
+    with pytest.raises(UsageError, match=rf"annotations/{split} hold no scored pixel: annotation values 1\.\.3 are "
+                       r'the classes, 0 \("other"\) and 255 are not scored') as e:  # fmt: skip
+        main_segment.main(parse(main_segment.get_args_parser(), **flags(data, tmp_path / "out")))
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "log.txt").exists()
+
+
+def test_evaluation_of_labels_without_a_scored_pixel_stops_naming_the_folder(tmp_path: Path) -> None:
+    """``evaluate`` itself (datasets given to ``main`` are not scanned up front): no 0 / 0 metrics."""
+    data = make_ade_folder(tmp_path / "data", train=1, val=2)
+    _unscored(data, "validation", binary=False)
+    dataset = SegmentationFolder(str(data), "val", 3, EvalPipeline((128, 32), MEAN, STD))
+    loader = segmentation_val_loader(dataset, argparse.Namespace(num_workers=0, pin_mem=False), torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"annotations/validation hold no scored pixel") as e:
+        engine_segment.evaluate(loader, ConstantModel(), 3, 32, 21, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity (Python writes them; they are not JSON)."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_and_log_lines_are_json_with_nan_as_null(tmp_path: Path) -> None:
+    """A class absent from the validation labels has IoU / Acc nan (left out of the means, as mmseg's): written as
+    null in segment_eval.json; a nan or infinite scalar as null too, in segment_eval.json and log.txt."""
+    nan, inf = float("nan"), float("inf")
+    stats = {"mIoU": nan, "mAcc": 50.0, "aAcc": inf, "IoU": [50.0, nan], "Acc": [nan, 100.0]}
+    engine_segment.write_eval_json(str(tmp_path), stats, iteration=3)
+    assert strict_json((tmp_path / "segment_eval.json").read_text()) == {
+        "iteration": 3, "mIoU": None, "mAcc": 50.0, "aAcc": None, "IoU": [50.0, None], "Acc": [None, 100.0],
+    }  # fmt: skip
+    assert {k: engine_segment.json_safe(v) for k, v in stats.items()}["aAcc"] is None
+
+
 def test_resume_with_another_eval_freq_is_refused(tmp_path: Path) -> None:
     data = make_ade_folder(tmp_path / "data", train=2, val=1)
     out = tmp_path / "out"
@@ -575,6 +628,40 @@ def test_a_bad_annotation_read_by_a_worker_ends_the_script_with_one_line(tmp_pat
 # ----------------------------------------------------------------------------- the demo
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("output_dir is a file", r"--output_dir .*out is not writable: File exists"),
+        ("no Fashion-MNIST", r"--data_path .*empty: no Fashion-MNIST files in .*empty: expected train-images-idx3"),
+        ("unclosed quote", r"--segment_args \"--lr '1\" does not split as a shell line: No closing quotation"),
+        ("unknown flag", r"--segment_args '--bogus 1': main_segment.py refuses it: unrecognized arguments: --bogus 1"),
+        ("bad value", r"--segment_args '--lr x': main_segment.py refuses it: argument --lr: invalid float value: 'x'"),
+        ("checkpoint folder", r"empty is a folder, but not a Hugging Face or timm model folder"),
+    ],
+)
+def test_the_demos_bad_input_is_one_line_before_any_scene(tmp_path: Path, what: str, message: str) -> None:
+    """Each refused before the scenes are written (the data path is a folder without Fashion-MNIST, which would be
+    the error were the flag not checked first)."""
+    import demo_segment
+
+    ckpt, empty, out = tmp_path / "pretrain.pth", tmp_path / "empty", tmp_path / "out"
+    torch.save({"model": {"w": torch.zeros(1)}}, ckpt)
+    empty.mkdir()
+    argv = {"checkpoint": ckpt, "output_dir": out, "data_path": empty, "cache_dir": tmp_path / "cache",
+            "train_scenes": 1, "val_scenes": 1, "iters": 1, "batch_size": 2}  # fmt: skip
+    if what == "output_dir is a file":
+        out.write_text("")
+    elif what == "checkpoint folder":
+        argv["checkpoint"] = empty
+    cli = [x for k, v in argv.items() for x in (f"--{k}", str(v))]
+    cli += {"unclosed quote": ["--segment_args", "--lr '1"], "unknown flag": ["--segment_args", "--bogus 1"],
+            "bad value": ["--segment_args", "--lr x"]}.get(what, [])  # fmt: skip
+    with pytest.raises(UsageError, match=message) as e:
+        demo_segment.main(demo_segment.get_args_parser().parse_args(cli))
+    assert "\n" not in str(e.value)
+    assert not (out / "data").exists()
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")

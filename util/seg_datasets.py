@@ -10,7 +10,9 @@ scored), 1..K the classes (K = ``--nb_classes``, 150 for ADE20K), 255 not scored
 ``reduce_zero_label`` turns them into training labels: 0 -> 255 (ignored), c -> c - 1, 255 stays 255. A missing
 folder, an image without its annotation, an annotation of another size or with a value above K is a one-line
 ``UsageError`` naming the file (the last two when the pair is read: reading every annotation up front would take
-minutes on ADE20K; a DataLoader worker hands the message to the main process, which raises it).
+minutes on ADE20K; a DataLoader worker hands the message to the main process, which raises it). So is a split
+whose annotations hold no scored pixel (all 0, or a 0 / 255 binary mask): nothing to learn or score
+(``SegmentationFolder.check_scored``, which stops at the first annotation with one).
 
 Training follows ``train_pipeline`` of mmseg's ``configs/_base_/datasets/ade20k.py`` (the BEiT / MAE UperNet runs):
 resize keeping the aspect ratio to ``img_scale`` (2048, 512) times a ratio in [0.5, 2], a random crop of
@@ -238,6 +240,15 @@ def segmentation_pairs(root: str, split: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def no_scored_pixel(where: str, nb_classes: int) -> UsageError:
+    """The one-line error for labels without a scored pixel; ``where`` names them ("the annotations in FOLDER")."""
+    return UsageError(
+        f'{where} hold no scored pixel: annotation values 1..{nb_classes} are the classes, 0 ("other") and '
+        f"{IGNORE_INDEX} are not scored (ADE20K's reduce_zero_label); a 0/{IGNORE_INDEX} binary mask scores nothing: "
+        "write background 1 and foreground 2, with --nb_classes 2"
+    )
+
+
 class SegmentationFolder(Dataset):
     """The pairs of ``root``'s ``split`` with labels as ``reduce_zero_label`` makes them, through ``transform``
     (``TrainPipeline`` or ``EvalPipeline``).
@@ -255,6 +266,19 @@ class SegmentationFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def annotation_dir(self) -> str:
+        return os.path.join(self.root, "annotations", SPLITS[self.split])
+
+    def check_scored(self) -> None:
+        """A ``UsageError`` naming the folder unless some annotation holds a scored pixel (a value in
+        1..``nb_classes``): without one the loss is 0 and every metric 0 / 0. Reads the pairs in order up to the
+        first that has one: a single pair for a usable split (all of them, with ``pair``'s checks, when none has)."""
+        for index in range(len(self)):
+            if (self.pair(index)[1] != IGNORE_INDEX).any():
+                return
+        raise no_scored_pixel(f"the annotations in {self.annotation_dir}", self.nb_classes)
 
     def raw(self, index: int) -> torch.Tensor:
         """Image ``index`` as float (3, H, W) in [0, 1], for ``--data_stats auto``."""
