@@ -7,8 +7,8 @@
     python convert.py checkpoint-799.pth mae_pretrain_vit_base.pth --to official --encoder_only   # ViTDet, mmseg
 
 SRC is read by its content (a ``.pth`` of ours or the official code, a Hugging Face or timm model folder, a
-safetensors file), as ``--finetune`` and ``--resume`` read it. The model is the one SRC names (ours record it), else
-``--model``, else the model table's architecture whose weights have SRC's shapes. Nothing is written over an
+safetensors file), as ``--finetune`` and ``--resume`` read it. The model is ``--model``, else the one SRC names
+(ours record it), else the model table's architecture whose weights have SRC's shapes. Nothing is written over an
 existing DST.
 
 - ``--to official``: a ``.pth`` of this project's layout (the official keys; ``args``, ``model_name``,
@@ -19,7 +19,8 @@ existing DST.
   classifier, ``ViTModel`` for its encoder (``--encoder_only``). The global-pool classifier has no Hugging Face class.
 - ``--to timm`` (ViT / MAE): a folder ``timm.create_model("local-dir:DST", pretrained=True)`` (or ``"hf-hub:..."``
   once uploaded) builds as timm's own ViT: the encoder without decoder, as timm's ``vit_*_224.mae`` weights, or the
-  classifier with its head.
+  classifier with its head. Neither Hugging Face nor timm holds a linear probe's head (main_linprobe.py's BatchNorm,
+  then the linear layer): those conversions are refused, ``--encoder_only`` leaves the head out.
 - ``--to safetensors``: one file with the weights and, as metadata, what the scripts need (model name, input size,
   channels, mean / std, epoch, the run's arguments).
 """
@@ -30,7 +31,7 @@ import os
 
 import torch
 
-from model_table import ARCHITECTURES, check_buildable, pretrain_overrides
+from model_table import ARCHITECTURES, check_buildable, family_of, pretrain_overrides
 from util import formats
 from util.checkpoint import load_checkpoint_file, save_atomic, saved_args, state_dict_of
 from util.cli import run_cli
@@ -41,11 +42,13 @@ from util.families import family_of_state_dict
 logger = logging.getLogger(__name__)
 
 FORMATS = ("official", "hf", "timm", "safetensors")
-_TIMM_ARCH = {
-    (16, 768): "vit_base_patch16_224",
-    (16, 1024): "vit_large_patch16_224",
-    (14, 1280): "vit_huge_patch14_224",
+_TIMM_ARCH = {  # timm's ViTs of the model table's widths: (patch, width, depth, heads) -> architecture
+    (16, 192, 12, 3): "vit_tiny_patch16_224",
+    (16, 768, 12, 12): "vit_base_patch16_224",
+    (16, 1024, 24, 16): "vit_large_patch16_224",
+    (14, 1280, 32, 16): "vit_huge_patch14_224",
 }
+_WEIGHTS = {"mae": "ViT", "mixmim": "MixMIM"}  # a family's weights, in words
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,16 +68,26 @@ def is_pretraining(state: dict) -> bool:
     return any(k.startswith("decoder") or k == "mask_token" for k in state)
 
 
+def has_probe_head(state: dict) -> bool:
+    """main_linprobe.py's head: ``head.0`` (BatchNorm without affine) and ``head.1`` (the linear layer)."""
+    return any(k.startswith(("head.0.", "head.1.")) for k in state)
+
+
 def encoder_of(state: dict) -> dict:
     """The encoder's weights: no decoder, mask token or head."""
     return {k: v for k, v in state.items() if not (is_pretraining({k: v}) or k.startswith("head."))}
 
 
-def identify(state: dict, args: dict, family: str, name: str | None) -> tuple[str, torch.nn.Module]:
+def identify(
+    state: dict, args: dict, family: str, name: str | None, src: str = "the checkpoint", flag: bool = True
+) -> tuple[str, torch.nn.Module]:
     """The name and model (built on the meta device: shapes only) whose weights ``state`` holds: ``name`` if given,
     else the first architecture of the model table of that ``family`` whose blocks and patch embedding have the same
     shapes. Pretraining checkpoints with their decoder are matched to pretraining models (with the decoder their
-    ``args`` state), the rest to classifiers."""
+    ``args`` state), the rest to classifiers. A ``name`` that is unknown, of the other family or of other shapes is a
+    one-line ``UsageError`` naming who named it: ``--model`` (``flag``), else ``src``."""
+    if name:
+        _check_named_family(name, family, src, flag)
     pretrain = "decoder_embed.weight" in state or "decoder_pred.weight" in state
     kwargs = pretrain_overrides(args) if pretrain else {}
     kwargs.pop("mask_type", None)
@@ -83,7 +96,7 @@ def identify(state: dict, args: dict, family: str, name: str | None) -> tuple[st
     blocks = ("blocks.", "layers.", "patch_embed.proj.weight")
     for candidate in candidates:
         arch = next((a for a in ARCHITECTURES if candidate in (a.pretrain, a.classifier, *a.official_names)), None)
-        if candidate is None or arch is None or arch.family != family:
+        if candidate is None or arch.family != family:
             continue
         size = args.get("input_size") or arch.input_size
         try:
@@ -97,10 +110,42 @@ def identify(state: dict, args: dict, family: str, name: str | None) -> tuple[st
         if own == theirs:
             return candidate, model
         if name:
-            raise UsageError(f"--model {name} does not have the shapes of the weights in the checkpoint")
+            raise UsageError(
+                f"--model {name} does not have the shapes of the weights in {src}"
+                if flag
+                else f"{src} names its model {name!r}, whose shapes its weights do not have: name it with --model"
+            )
     raise UsageError(
         "the checkpoint's weights have the shapes of none of the models this project builds; name it with --model"
     )
+
+
+def _check_named_family(name: str, family: str, src: str, flag: bool) -> None:
+    """A one-line ``UsageError`` when ``name`` is no model of the table, or one of the other family than ``src``'s
+    weights (``family``). ``flag``: the user named it (``--model``), else ``src`` did."""
+    try:
+        named = family_of(name)
+    except UsageError:
+        if flag:
+            raise  # the unknown --model, with the names there are
+        raise UsageError(f"{src} names its model {name!r}, which this project does not build: name its model with "
+                         "--model") from None  # fmt: skip
+    if named != family:
+        raise UsageError(
+            f"--model {name} is a {_WEIGHTS[named]} model; {src} holds {_WEIGHTS[family]} weights"
+            if flag
+            else f"{src} names its model {name!r}, a {_WEIGHTS[named]} model, but holds {_WEIGHTS[family]} weights: "
+            "name its model with --model"
+        )
+
+
+def timm_architecture(patch: int, width: int, depth: int, heads: int) -> tuple[str, bool]:
+    """timm's ViT architecture for a ViT of these sizes, and whether it is exactly one (else the one of the same
+    width, which config.json's ``model_args`` then resize, as timm's own ``save_for_hf`` writes a resized model)."""
+    exact = _TIMM_ARCH.get((patch, width, depth, heads))
+    if exact:
+        return exact, True
+    return next((a for (_, w, _, _), a in _TIMM_ARCH.items() if w == width), "vit_base_patch16_224"), False
 
 
 def _side(size) -> int:
@@ -122,7 +167,7 @@ def write_official(checkpoint: dict, state: dict, dst: str, encoder_only: bool) 
 def write_hf(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, encoder_only: bool) -> str:
     """A Hugging Face folder for a ViT / MAE checkpoint; returns the class written."""
     args = saved_args(checkpoint)
-    if "head.weight" in state and "norm.weight" not in state:
+    if "fc_norm.weight" in state and "norm.weight" not in state:
         raise UsageError(
             "a global-pool fine-tuned ViT (mean of the tokens, then fc_norm) has no Hugging Face class: --to timm or "
             "--to safetensors keep it whole; the pretraining checkpoint it came from converts to ViTMAEModel"
@@ -131,7 +176,7 @@ def write_hf(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, en
     if isinstance(size, list | tuple) and len(set(size)) > 1:
         raise UsageError(f"input size {size[0]}x{size[1]}: Hugging Face's ViTMAE builds a square position grid only; "
                          "--to timm or --to safetensors keep non-square checkpoints")  # fmt: skip
-    if "head.weight" in state:
+    if "head.weight" in state or has_probe_head(state):  # a probe: its encoder only (its head is refused above)
         kind = "ViTModel" if encoder_only else "ViTForImageClassification"
     elif "decoder_embed.weight" in state and not encoder_only:
         kind = "ViTMAEForPreTraining"
@@ -160,7 +205,7 @@ def _hw(size) -> dict:
 
 
 def write_timm(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, encoder_only: bool) -> str:
-    """A timm model folder (config.json + model.safetensors) of timm's own ViT; returns its architecture."""
+    """A timm model folder (config.json + model.safetensors) of timm's own ViT; returns its architecture, in words."""
     args = saved_args(checkpoint)
     eps = args.get("layer_norm_eps")
     if eps is not None and float(eps) != formats.OFFICIAL_EPS:
@@ -170,10 +215,15 @@ def write_timm(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, 
     keep = encoder_of(state) if not classifier else state
     patch = model.patch_embed.patch_size
     patch = int(patch[0] if isinstance(patch, tuple | list) else patch)
-    width, depth = int(state["cls_token"].shape[-1]), len(model.blocks)
-    architecture = _TIMM_ARCH.get(width, "vit_base_patch16_224")
+    width, depth, heads = int(state["cls_token"].shape[-1]), len(model.blocks), int(model.blocks[0].attn.num_heads)
+    architecture, exact = timm_architecture(patch, width, depth, heads)
     size = args.get("input_size") or model.patch_embed.img_size
     h, w = (size, size) if isinstance(size, int) else size
+    if not exact:
+        what = (f"ViT (no timm architecture has patch {patch}, width {width}, depth {depth}; config.json builds it "
+                f"with {architecture}'s factory and its model_args)")  # fmt: skip
+    else:
+        what = architecture if (int(h), int(w)) == (224, 224) else f"{architecture} at {h}x{w}"
     in_chans = int(state["patch_embed.proj.weight"].shape[1])
     global_pool = "avg" if "fc_norm.weight" in state and "norm.weight" not in state else "token"
     num_classes = int(state["head.weight"].shape[0]) if classifier else 0
@@ -189,7 +239,7 @@ def write_timm(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, 
             "in_chans": in_chans,
             "embed_dim": width,
             "depth": depth,
-            "num_heads": int(model.blocks[0].attn.num_heads),
+            "num_heads": heads,
             "global_pool": global_pool,
         },
         "pretrained_cfg": {
@@ -209,7 +259,7 @@ def write_timm(checkpoint: dict, state: dict, model: torch.nn.Module, dst: str, 
         },
     }
     formats.save_hf_folder(keep, config, dst)
-    return architecture
+    return what
 
 
 def convert(src: str, dst: str, to: str, encoder_only: bool = False, model_name: str | None = None) -> str:
@@ -227,8 +277,16 @@ def convert(src: str, dst: str, to: str, encoder_only: bool = False, model_name:
     if to in ("hf", "timm") and family == "mixmim":
         name = "Hugging Face" if to == "hf" else "timm"
         raise UsageError(f"{name} has no MixMIM model: --to safetensors or --to official keep MixMIM checkpoints")
+    if to in ("hf", "timm") and has_probe_head(state) and not encoder_only:
+        name = "Hugging Face" if to == "hf" else "timm"
+        raise UsageError(
+            f"{src} holds a linear-probe head (head.0 BatchNorm, head.1 Linear: main_linprobe.py's), which {name} "
+            "has no classifier for: --to safetensors or --to official keep it whole; --encoder_only writes the encoder "
+            "alone"
+        )
+    flag = model_name is not None
     model_name = model_name or checkpoint.get("model_name") or saved_args(checkpoint).get("model")
-    model_name, model = identify(state, saved_args(checkpoint), family, model_name)
+    model_name, model = identify(state, saved_args(checkpoint), family, model_name, src, flag)
     heads = saved_args(checkpoint).get("num_heads")
     if family == "mae" and heads is not None and int(heads) != model.blocks[0].attn.num_heads:
         raise UsageError(f"{src} states {heads} attention heads; {model_name}, whose shapes its weights have, has "

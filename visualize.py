@@ -31,6 +31,7 @@ from model_table import build_pretrain_model, family_defaults, family_of, pretra
 from util.checkpoint import check_stated_heads, load_checkpoint_file, load_model_strict, saved_args, state_dict_of
 from util.cli import input_size_value
 from util.datasets import load_tensor
+from util.dist import resolve_device
 from util.errors import UsageError
 from util.fashion_mnist import (
     DEFAULT_DATA_PATH,
@@ -40,6 +41,7 @@ from util.fashion_mnist import (
     denormalize,
     prepare_root,
 )
+from util.files import check_output_dir
 from util.masking import MASK_TYPES, check_mask_type
 from util.reconstruction import reconstruction_panels, stack
 
@@ -216,8 +218,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_flags(args: argparse.Namespace) -> torch.device:
+    """The flags that would fail only after the work (the device, the image count, the output folder), checked
+    before it; returns the device. Creates ``--output_dir``."""
+    device = resolve_device(args.device)  # an unknown device, or CUDA where there is none: one line
+    if args.num_images < 1:
+        raise UsageError(f"--num_images {args.num_images}: give 1 or more (the Fashion-MNIST images shown without "
+                         "--images)")  # fmt: skip
+    check_output_dir(args.output_dir)
+    return device
+
+
 def main(args: argparse.Namespace) -> list[Path]:
-    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, args.device,
+    device = check_flags(args)
+    model = load_pretrain_checkpoint(args.checkpoint, args.model, args.input_size, args.norm_pix_loss, device,
                                      args.mask_type)  # fmt: skip
     size = tuple(model.patch_embed.img_size)  # (H, W)
     in_chans = model.patch_embed.proj.weight.shape[1]
@@ -237,7 +251,6 @@ def main(args: argparse.Namespace) -> list[Path]:
             check_mask_type(model.mask_type, args.mask_ratio or 0.75, tuple(model.patch_embed.grid_size))
         except ValueError as e:
             raise UsageError(f"--mask_type {model.mask_type}: {e}") from None
-    device = torch.device(args.device)
     model.to(device)
     return save_reconstructions(model, imgs.to(device), args.output_dir, args.mask_ratio, args.seed, args.scale,
                                 stats=stats)  # fmt: skip

@@ -550,3 +550,106 @@ def test_a_torn_safetensors_file_is_one_line_for_the_scripts(tmp_path: Path) -> 
     )
     with pytest.raises(UsageError, match="torn.safetensors is a truncated or corrupt safetensors file"):
         main_finetune.main(args)
+
+
+# ----------------------------------------------------------------------------- audit: what was lost or misnamed
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_named_model_that_is_unknown_or_of_the_other_family(tmp_path: Path) -> None:
+    """``--model`` names what is wrong with it: unknown (with the names there are), or of the other family."""
+    torch.manual_seed(0)
+    mae = save_ours(build_pretrain_model("mae_vit_tiny_patch4", 32), tmp_path / "mae.pth", "mae_vit_tiny_patch4")
+    mixmim = save_ours(build_pretrain_model("mixmim_tiny", 64), tmp_path / "mixmim.pth", "mixmim_tiny", 64)
+    cases = [
+        (
+            mae,
+            "foo",
+            r"unknown --model 'foo'; pretraining models: mae_vit_base_patch16 .*classifiers: vit_base_patch16",
+        ),
+        (mae, "mixmim_base", r"--model mixmim_base is a MixMIM model; .*mae.pth holds ViT weights"),
+        (mixmim, "vit_tiny_patch4", r"--model vit_tiny_patch4 is a ViT model; .*mixmim.pth holds MixMIM weights"),
+    ]
+    for src, name, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            convert(str(src), str(tmp_path / "x.pth"), "official", model_name=name)
+        one_line(e)
+    named = save_ours(build_pretrain_model("mae_vit_tiny_patch4", 32), tmp_path / "named.pth", "foo")
+    with pytest.raises(UsageError, match=r"named.pth names its model 'foo', which this project does not build: name "
+                       "its model with --model") as e:  # fmt: skip
+        convert(str(named), str(tmp_path / "x.pth"), "official")
+    one_line(e)
+    with pytest.raises(UsageError, match=r"unknown --model 'foo'"):
+        convert(str(named), str(tmp_path / "x.pth"), "official", model_name="foo")  # the flag then speaks
+    assert not (tmp_path / "x.pth").exists()
+    convert(str(named), str(tmp_path / "x.pth"), "official", model_name="mae_vit_tiny_patch4")
+    assert torch.load(tmp_path / "x.pth", weights_only=True)["model_name"] == "mae_vit_tiny_patch4"
+
+
+def linear_probe(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A main_linprobe.py checkpoint: the classifier with ``head.0`` (BatchNorm without affine: running statistics
+    only) and ``head.1`` (the linear layer)."""
+    from model_table import add_probe_head
+
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=False)
+    add_probe_head(model)
+    perturb(model)
+    with torch.no_grad():
+        model.head[0].running_mean.normal_()
+        model.head[0].running_var.uniform_(0.5, 2.0)
+        model.head[0].num_batches_tracked.fill_(9)
+    return save_ours(model, tmp_path / "probe.pth", "vit_tiny_patch4"), model
+
+
+def test_a_linear_probe_head_is_kept_whole_or_refused(tmp_path: Path) -> None:
+    """Hugging Face and timm have no place for the probe's BatchNorm: one line instead of a folder without the head;
+    official and safetensors keep it, and the probe model main_linprobe.py builds reads it back strictly."""
+    src, model = linear_probe(tmp_path)
+    for to in ("hf", "timm"):
+        message = r"probe.pth holds a linear-probe head \(head.0 BatchNorm, head.1 Linear: main_linprobe.py's\), "
+        message += rf"which {'Hugging Face' if to == 'hf' else 'timm'} has no classifier for: --to safetensors or "
+        with pytest.raises(UsageError, match=message + "--to official keep it whole; --encoder_only") as e:
+            convert(str(src), str(tmp_path / to), to)
+        one_line(e)
+        assert not (tmp_path / to).exists()
+    from model_table import add_probe_head
+
+    x = torch.randn(2, 3, 32, 32)
+    for to, name in (("official", "p.pth"), ("safetensors", "p.safetensors")):
+        convert(str(src), str(tmp_path / name), to)
+        state = state_dict_of(load_checkpoint_file(tmp_path / name))
+        assert_same_tensors(state, model.state_dict())
+        again = build_classifier("vit_tiny_patch4", 32, 5, 0.0, global_pool=False)
+        add_probe_head(again)
+        load_model_strict(again, state, name)
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), model.eval()(x))
+    assert convert(str(src), str(tmp_path / "enc"), "timm", encoder_only=True).startswith("timm ")
+    assert convert(str(src), str(tmp_path / "hf_enc"), "hf", encoder_only=True) == "Hugging Face ViTModel"
+
+
+def test_the_timm_architecture_is_the_one_of_these_sizes_or_none(tmp_path: Path) -> None:
+    """B / L / H are timm's vit_{base,large}_patch16_224 / vit_huge_patch14_224 (timm's own models, on the meta
+    device, say so); the tiny MAE has no timm architecture and is not called one."""
+    from convert import timm_architecture
+
+    for name in ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"):
+        with torch.device("meta"):
+            ours = build_classifier(name, 224, 0, 0.0)
+        patch, width, depth = ours.patch_embed.patch_size[0], ours.embed_dim, len(ours.blocks)
+        factory, exact = timm_architecture(patch, width, depth, ours.blocks[0].attn.num_heads)
+        with torch.device("meta"):
+            theirs = timm.create_model(factory)
+        assert exact and (theirs.patch_embed.patch_size[0], theirs.embed_dim, len(theirs.blocks)) == (
+            patch, width, depth)  # fmt: skip
+    src = save_ours(our_mae(False), tmp_path / "tiny.pth", "mae_vit_tiny_patch4")
+    what = convert(str(src), str(tmp_path / "enc"), "timm")
+    assert "vit_base" not in what and "no timm architecture has patch 4, width 192, depth 6" in what
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"  # the factory of the same width, as timm's save_for_hf
+    assert timm.create_model(f"local-dir:{tmp_path / 'enc'}", pretrained=True).patch_embed.patch_size == (4, 4)

@@ -211,3 +211,33 @@ def test_mask_type_block_shows_the_seeded_block_masks_and_mixmim_refuses_other_t
     with pytest.raises(visualize.UsageError, match="--mask_type grid is for MAE models; MixMIM masks at random"):
         _run(tmp_path, {"model": mixmim.state_dict()}, _write_images(tmp_path, 2), "--model", "mixmim_tiny",
              "--mask_type", "grid")  # fmt: skip
+
+
+def _one_line(e) -> str:
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_flags_are_refused_up_front_in_one_line(tmp_path, monkeypatch):
+    """An --output_dir that is a file, --num_images below 1 and an unknown --device end in one line before any
+    checkpoint is read."""
+    checkpoint = {"model": {}, "model_name": "mae_vit_tiny_patch4"}  # never read: the flags are checked first
+    path = tmp_path / "ckpt.pth"
+    torch.save(checkpoint, path)
+    (tmp_path / "file").write_text("")
+
+    def read(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the flags were checked")
+
+    monkeypatch.setattr(visualize, "load_pretrain_checkpoint", read)
+    parser = visualize.get_args_parser()
+    cases = [
+        (["--output_dir", str(tmp_path / "file")], r"--output_dir .*file is not writable"),
+        (["--num_images", "0", "--data_path", str(tmp_path / "none")], r"--num_images 0: give 1 or more"),
+        (["--device", "gpu"], r"--device gpu is not a device: use cpu, cuda or cuda:N"),
+    ]
+    for flags, message in cases:
+        args = parser.parse_args(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), *flags])
+        with pytest.raises(visualize.UsageError, match=message) as e:
+            visualize.main(args)
+        _one_line(e)
