@@ -475,6 +475,17 @@ def test_a_file_that_is_no_checkpoint_is_one_line(
     assert not list(out.glob("checkpoint-*.pth"))
 
 
+def test_a_pretraining_checkpoint_given_to_resume_points_to_finetune(data, pretrained, tmp_path, monkeypatch, capsys):
+    """--resume continues a run of the same script: a pretraining checkpoint there says what does not fit and that
+    --finetune is the flag that starts from it."""
+    ckpt = pretrained["mae"] / "checkpoint-last.pth"
+    args = argv(data, tmp_path / "out", model=MODELS["mae"][1], nb_classes=2, resume=ckpt)
+    code, err = cli(main_finetune, args, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    line = error_line(err)
+    assert "does not fit the model: missing" in line and f"with --finetune {ckpt} (--resume continues" in line, line
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 

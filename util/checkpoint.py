@@ -345,7 +345,17 @@ def load_resume(
         return None
     checkpoint = load_checkpoint_file(args.resume)
     check_stated_heads(model, checkpoint, args.resume)
-    load_model_strict(unwrap(model), state_dict_of(checkpoint), args.resume)
+    state = state_dict_of(checkpoint)
+    try:
+        load_model_strict(unwrap(model), state, args.resume)
+    except UsageError as e:
+        pretraining = ("decoder", "mask_token")  # both families' pretraining-only parameters
+        if any(k.startswith(pretraining) for k in state) and not any(
+            k.startswith(pretraining) for k in unwrap(model).state_dict()
+        ):
+            raise UsageError(f"{e}; it is a pretraining checkpoint: start from its weights with --finetune "
+                             f"{args.resume} (--resume continues a run of this script)") from None  # fmt: skip
+        raise
     saved_mask, own_mask = saved_args(checkpoint).get("mask_type"), getattr(unwrap(model), "mask_type", None)
     if saved_mask and own_mask and saved_mask != own_mask:  # the weights fit either way: say it, not train on
         raise UsageError(f"checkpoint {args.resume} was pretrained with --mask_type {saved_mask}, this run has "
