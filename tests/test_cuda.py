@@ -93,11 +93,18 @@ def test_mixed_precision_follows_fp32(dev, key: str, amp: str, record_property) 
     model, images, noise = build(key, dev)
     loss32, _, grads32 = loss_and_grads(model, images, noise, "none", dev)
     loss_a, _, grads_a = loss_and_grads(model, images, noise, amp, dev)
+    assert_follows_fp32((loss32, grads32), (loss_a, grads_a), AMP_TOLERANCE[amp], record_property)
+
+
+def assert_follows_fp32(fp32: tuple, mixed: tuple, tolerance: dict, record_property) -> None:
+    """(loss, gradients) under mixed precision against fp32's: the loss's relative error and the gradients' relative
+    L2 error, recorded, below ``tolerance`` (``loss``, ``grad``)."""
+    (loss32, grads32), (loss_a, grads_a) = fp32, mixed
     loss_err, grad_err = abs(loss_a - loss32) / abs(loss32), rel(grads_a, grads32)
     record_property("loss_rel_err", loss_err)
     record_property("grad_rel_l2_err", grad_err)
-    assert loss_err < AMP_TOLERANCE[amp]["loss"], (loss32, loss_a)
-    assert grad_err < AMP_TOLERANCE[amp]["grad"]
+    assert loss_err < tolerance["loss"], (loss32, loss_a)
+    assert grad_err < tolerance["grad"]
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
@@ -345,13 +352,9 @@ def test_segmenter_mixed_precision_follows_fp32(dev, key: str, amp: str, record_
     """UperNet on both backbones under autocast (BatchNorm in training mode, the losses on fp32 logits) against
     fp32, within SEG_AMP_TOLERANCE."""
     model, images, labels = build_segmenter_on(key, dev)
-    loss32, grads32 = segment_loss_and_grads(model, images, labels, "none", dev)
-    loss_a, grads_a = segment_loss_and_grads(model, images, labels, amp, dev)
-    loss_err, grad_err = abs(loss_a - loss32) / abs(loss32), rel(grads_a, grads32)
-    record_property("loss_rel_err", loss_err)
-    record_property("grad_rel_l2_err", grad_err)
-    assert loss_err < SEG_AMP_TOLERANCE[amp]["loss"], (loss32, loss_a)
-    assert grad_err < SEG_AMP_TOLERANCE[amp]["grad"]
+    fp32 = segment_loss_and_grads(model, images, labels, "none", dev)
+    mixed = segment_loss_and_grads(model, images, labels, amp, dev)
+    assert_follows_fp32(fp32, mixed, SEG_AMP_TOLERANCE[amp], record_property)
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
