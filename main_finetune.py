@@ -235,7 +235,8 @@ def check_augmentation_args(args: argparse.Namespace) -> None:
         try:
             finetune_transform(args, (0.5,) * args.in_chans, (0.5,) * args.in_chans)
         except (AssertionError, ValueError, KeyError) as e:
-            raise UsageError(f"--aa {args.aa}: timm cannot build this augmentation ({e or type(e).__name__})") from e
+            reason = str(e) or type(e).__name__
+            raise UsageError(f"--aa {args.aa}: timm cannot build this augmentation ({reason})") from e
 
 
 def check_args(args: argparse.Namespace) -> None:
