@@ -349,10 +349,7 @@ def load_resume(
     try:
         load_model_strict(unwrap(model), state, args.resume)
     except UsageError as e:
-        pretraining = ("decoder", "mask_token")  # both families' pretraining-only parameters
-        if any(k.startswith(pretraining) for k in state) and not any(
-            k.startswith(pretraining) for k in unwrap(model).state_dict()
-        ):
+        if any(map(_is_pretraining_key, state)) and not any(map(_is_pretraining_key, unwrap(model).state_dict())):
             raise UsageError(f"{e}; it is a pretraining checkpoint: start from its weights with --finetune "
                              f"{args.resume} (--resume continues a run of this script)") from None  # fmt: skip
         raise
@@ -493,10 +490,15 @@ def adapt_patch_embed(model: nn.Module, state_dict: dict, source: str) -> None:
     state_dict[PATCH_EMBED_WEIGHT] = adapt_input_conv(own.shape[1], weight)
 
 
+def _is_pretraining_key(key: str) -> bool:
+    """A parameter only pretraining models have (both families): the decoder's and the mask token."""
+    return key.startswith("decoder") or key == "mask_token"
+
+
 def _is_pretraining_only(key: str, model_keys: set[str]) -> bool:
     """Keys of a pretraining checkpoint that a classifier drops: the decoder, the mask token, and the final
     ``norm`` that global-pool classifiers replace with ``fc_norm``."""
-    if key.startswith("decoder") or key == "mask_token":
+    if _is_pretraining_key(key):
         return True
     return key.startswith("norm.") and not any(k.startswith("norm.") for k in model_keys)
 

@@ -91,11 +91,12 @@ def extract_features(
     width = torch.tensor([feats[0].shape[1] if feats else 0], device=device)
     if distributed:
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    if not width.item():
+    width = int(width.item())
+    if not width:
         raise BadImageError(f"{getattr(dataset, 'root', 'the set')}: no readable image (none of its {len(dataset)} "
                             "files could be read)")  # fmt: skip
     empty = torch.zeros(0, dtype=torch.int64, device=device)
-    local_f = F.normalize(torch.cat(feats), dim=1) if feats else torch.zeros(0, width.item(), device=device)  # (n, D)
+    local_f = F.normalize(torch.cat(feats), dim=1) if feats else torch.zeros(0, width, device=device)  # (n, D)
     local_l, local_i = (torch.cat(t) if t else empty for t in (labels, indices))  # (n,), (n,)
     if not distributed:
         return local_f.cpu(), local_l.cpu(), len(dataset) - len(local_i)
