@@ -193,8 +193,6 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.layer_decay <= 1 or not 0 <= args.drop_path < 1 or args.weight_decay < 0:
         raise UsageError(f"--layer_decay must be in (0, 1], --drop_path in [0, 1) and --weight_decay >= 0, got "
                          f"{args.layer_decay}, {args.drop_path} and {args.weight_decay}")  # fmt: skip
-    if args.clip_grad is not None and not args.clip_grad > 0:
-        raise UsageError(f"--clip_grad must be positive, got {args.clip_grad}")
     if not args.eval and args.batch_size < 2 and not (args.distributed and args.device.startswith("cuda")):
         raise UsageError(f"--batch_size {args.batch_size}: UperNet's BatchNorm needs at least 2 crops per process "
                          "(per step on GPUs, where SyncBatchNorm pools the processes)")  # fmt: skip

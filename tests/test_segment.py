@@ -536,7 +536,7 @@ def _break(data: Path, what: str) -> None:
         (None, dict(lr=-1), r"--lr must be positive and --min_lr in \[0, --lr\]"),
         (None, dict(layer_decay=1.5), r"--layer_decay must be in \(0, 1\]"),
         (None, dict(head_channels=0), "--head_channels must be at least 1, got 0"),
-        (None, dict(clip_grad=0), "--clip_grad must be positive, got 0"),
+        (None, dict(clip_grad=0), "--clip_grad must be > 0, got 0"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(tmp_path: Path, what, overrides: dict, message: str) -> None:
